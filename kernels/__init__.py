@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as ``resnet_fused.kernels`` (never as a top-level ``kernels`` package)."""

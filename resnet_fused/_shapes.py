@@ -1,0 +1,34 @@
+"""Shape arithmetic shared by the op validation and every backend's fake (meta) kernel."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """Normalise an int or a 2-sequence of ints (stride, padding) to a tuple of two ints."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    try:
+        values = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def conv_output_shape(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> tuple[int, int, int, int]:
+    """(N, K, P, Q) of a 2-D convolution of an (N, C, H, W) input with a (K, C/groups, R, S) weight."""
+    n, _, h, w = x_shape
+    k, _, r, s = weight_shape
+    p = (h + 2 * padding[0] - r) // stride[0] + 1
+    q = (w + 2 * padding[1] - s) // stride[1] + 1
+    return (n, k, p, q)

@@ -1,0 +1,236 @@
+"""The one door to every kernel: public functional ops, input validation, backend choice.
+
+Every op validates its inputs here, once, for all backends, then hands plain, checked arguments
+to a backend module from :mod:`resnet_fused.backends`. Each backend module answers two questions:
+``unavailable_reason(device_type, dtype)`` (``None`` when it can run) and how to call it
+(``conv_bias_act``, ``add_relu``, ``bias_act``).
+
+The ops are inference-only: none of the kernels has a backward, so an input that requires grad
+while grad mode is on is refused with an error rather than given an output silently detached
+from the graph. Run fused models under ``torch.inference_mode()`` or ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import _shapes
+from .backends import extension, onednn, torch_backend, triton
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "BackendUnavailableError",
+    "BackendFallbackWarning",
+    "available_backends",
+    "resolve_backend",
+    "conv_bias_act",
+    "add_relu",
+    "bias_act",
+]
+
+BACKENDS = {
+    "torch": torch_backend,
+    "onednn": onednn,
+    "triton": triton,
+    "extension": extension,
+}
+
+# Automatic choice, fastest first. Each device type ends with the always-available "torch".
+_PREFERENCE = {
+    "cuda": ("triton", "extension", "torch"),
+    "cpu": ("onednn", "extension", "torch"),
+}
+
+ENV_VAR = "RESNET_FUSED_BACKEND"
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but cannot run on this device and dtype."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """The automatic choice skipped a faster backend that cannot run here."""
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    devices: tuple[str, ...]
+    reason: str
+
+
+def _device_types() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """For each backend: can it run here, on which device types, and if not (or not everywhere) why."""
+    result = {}
+    for name, module in BACKENDS.items():
+        devices, reasons = [], []
+        for device_type in _device_types():
+            reason = module.unavailable_reason(device_type, None)
+            if reason is None:
+                devices.append(device_type)
+            else:
+                reasons.append(f"{device_type}: {reason}")
+        if not torch.cuda.is_available():
+            reasons.append("cuda: no CUDA device is visible to PyTorch")
+        result[name] = BackendStatus(bool(devices), tuple(devices), "; ".join(reasons))
+    return result
+
+
+_warned: set[tuple[str, str, str]] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; known backends: {', '.join(BACKENDS)}")
+        reason = BACKENDS[requested].unavailable_reason(device_type, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run on {device_type} with {dtype}: {reason}")
+        return requested
+    skipped = []
+    for name in _PREFERENCE.get(device_type, ("torch",)):
+        reason = BACKENDS[name].unavailable_reason(device_type, dtype)
+        if reason is None:
+            if skipped and (device_type, str(dtype), name) not in _warned:
+                _warned.add((device_type, str(dtype), name))
+                warnings.warn(
+                    f"resnet_fused: automatic backend on {device_type} with {dtype} falls back to {name!r} "
+                    f"({'; '.join(skipped)})",
+                    BackendFallbackWarning,
+                    stacklevel=4,
+                )
+            return name
+        skipped.append(f"{name!r} unavailable: {reason}")
+    raise BackendUnavailableError(f"no backend can run on {device_type} with {dtype}: {'; '.join(skipped)}")
+
+
+def resolve_backend(backend: str | None, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Name of the backend an op will use: ``backend``, else ``$RESNET_FUSED_BACKEND``, else automatic."""
+    requested = backend or os.environ.get(ENV_VAR) or None
+    if requested == "auto":
+        requested = None
+    return _resolve(requested, torch.device(device).type, dtype)
+
+
+def _check_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on one device")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
+
+
+def _check_no_grad(**tensors: torch.Tensor | None) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"resnet_fused ops are inference-only and {name} requires grad; "
+                "run under torch.inference_mode() or torch.no_grad(), or detach it"
+            )
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, weight) + bias (+ residual))`` in one call.
+
+    With BN folded into ``weight``/``bias`` this is conv+BN+ReLU, and with ``residual`` a block's
+    last conv + residual add + ReLU. Any memory layout is accepted; the output layout is the
+    backend's (channels_last for channels_last inputs on every backend).
+    """
+    _check_tensor("x", x, 4)
+    _check_tensor("weight", weight, 4)
+    _check_same("weight", weight, x)
+    stride = _shapes.pair(stride, "stride")
+    padding = _shapes.pair(padding, "padding")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    k, c_per_group, r, s = weight.shape
+    if k % groups != 0:
+        raise ValueError(f"weight has {k} output channels, not divisible by groups={groups}")
+    if x.shape[1] != c_per_group * groups:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but weight expects {c_per_group * groups} "
+            f"({c_per_group} per group x groups={groups}); x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_same("bias", bias, x)
+        if bias.shape[0] != k:
+            raise ValueError(f"bias must have shape ({k},) to match weight, got {tuple(bias.shape)}")
+    out_shape = _shapes.conv_output_shape(x.shape, weight.shape, stride, padding)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(
+            f"x of spatial size {tuple(x.shape[2:])} is too small for a {r}x{s} kernel with padding {padding} "
+            f"(output would be {out_shape[2]}x{out_shape[3]})"
+        )
+    if residual is not None:
+        _check_tensor("residual", residual, 4)
+        _check_same("residual", residual, x)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+    _check_no_grad(x=x, weight=weight, bias=bias, residual=residual)
+    if x.numel() == 0 or weight.numel() == 0:
+        return x.new_zeros(out_shape).contiguous(memory_format=torch.channels_last)
+    module = BACKENDS[resolve_backend(backend, x.device, x.dtype)]
+    return module.conv_bias_act(x, weight, bias, stride, padding, groups, residual, bool(relu))
+
+
+def add_relu(x: torch.Tensor, residual: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``relu(x + residual)`` for a block whose conv is not ours."""
+    _check_tensor("x", x, 4)
+    _check_tensor("residual", residual, 4)
+    _check_same("residual", residual, x)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _check_no_grad(x=x, residual=residual)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return BACKENDS[resolve_backend(backend, x.device, x.dtype)].add_relu(x, residual)
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor, *, relu: bool = True, backend: str | None = None) -> torch.Tensor:
+    """``relu?(x + bias[channel])`` over an (N, C, H, W) tensor, for a conv that is not ours."""
+    _check_tensor("x", x, 4)
+    _check_tensor("bias", bias, 1)
+    _check_same("bias", bias, x)
+    if bias.shape[0] != x.shape[1]:
+        raise ValueError(f"bias must have shape ({x.shape[1]},) to match x's channels, got {tuple(bias.shape)}")
+    _check_no_grad(x=x, bias=bias)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return BACKENDS[resolve_backend(backend, x.device, x.dtype)].bias_act(x, bias, bool(relu))
