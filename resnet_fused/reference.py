@@ -10,7 +10,7 @@ realistic statistics from :func:`calibrate_bn`.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ __all__ = [
     "resnet152",
     "MODELS",
     "calibrate_bn",
+    "randomize_bn",
+    "random_model",
     "convert_state_dict",
 ]
 
@@ -187,6 +189,43 @@ def calibrate_bn(model: nn.Module, *, steps: int = 3, batch: int = 4, size: int 
             bn.momentum = momentum
         model.eval()
     return model
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Draw every BatchNorm's affine parameters at random, in place: weight U(0.5, 1.5), bias U(-0.1, 0.5).
+
+    Why: our initialisation makes every conv weight positive, so all channels of a layer carry
+    nearly the same signal; with BN weight 1 and bias 0 a small input then drives the deep layers
+    to all-zero activations, and a fused-vs-reference comparison of such a model proves nothing.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.affine:
+            bn.weight.copy_(torch.empty(bn.weight.shape).uniform_(0.5, 1.5, generator=generator))
+            bn.bias.copy_(torch.empty(bn.bias.shape).uniform_(-0.1, 0.5, generator=generator))
+    return model
+
+
+def random_model(
+    arch: str | Callable[..., nn.Module],
+    *,
+    num_classes: int = 1000,
+    seed: int = 0,
+    calibration_size: int = 64,
+) -> nn.Module:
+    """A reproducible random model for tests and benchmarks: built with ``seed``, BN randomised and calibrated, in eval mode.
+
+    ``arch`` is a name from :data:`MODELS` or any callable taking ``num_classes`` (a torchvision or
+    timm builder, say). Outputs are finite and input-dependent in every dtype.
+    """
+    if isinstance(arch, str) and arch not in MODELS:
+        raise ValueError(f"unknown model {arch!r}; choose from {', '.join(MODELS)}")
+    builder = MODELS[arch] if isinstance(arch, str) else arch
+    torch.manual_seed(seed)
+    model = builder(num_classes=num_classes)
+    randomize_bn(model, seed=seed)
+    return calibrate_bn(model, size=calibration_size, seed=seed)
 
 
 # torchvision name -> our name, applied to each dotted component.

@@ -1,0 +1,94 @@
+"""Fused inference modules. They hold folded weights and call only :mod:`resnet_fused.ops`.
+
+Weights are buffers, not parameters: a fused module is for inference, ``.to()`` and
+``state_dict()`` carry them, and no optimiser will find them. Like the ops, the modules refuse an
+input that requires grad while grad mode is on (see :mod:`resnet_fused.ops`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+
+__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck"]
+
+
+class FusedConvBNAct(nn.Module):
+    """``relu?(conv(x, weight) + bias (+ residual))`` with BatchNorm already folded into weight and bias.
+
+    ``memory_format`` is the layout the input is brought to first (a no-op when it already has it),
+    so a fused model keeps its activations in one layout end to end.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        *,
+        stride=1,
+        padding=0,
+        groups: int = 1,
+        relu: bool = True,
+        backend: str | None = None,
+        memory_format: torch.memory_format = torch.channels_last,
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().contiguous(memory_format=memory_format))
+        self.register_buffer("bias", bias.detach().clone())
+        self.stride = tuple(stride) if not isinstance(stride, int) else (stride, stride)
+        self.padding = tuple(padding) if not isinstance(padding, int) else (padding, padding)
+        self.groups = groups
+        self.relu = relu
+        self.backend = backend
+        self.memory_format = memory_format
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.conv_bias_act(
+            x.contiguous(memory_format=self.memory_format),
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            residual=residual,
+            relu=self.relu,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        k, c, r, s = self.weight.shape
+        return (
+            f"{c * self.groups}, {k}, kernel_size=({r}, {s}), stride={self.stride}, padding={self.padding}, "
+            f"groups={self.groups}, relu={self.relu}, backend={self.backend or 'auto'}"
+        )
+
+
+class FusedBasicBlock(nn.Module):
+    """conv+BN+ReLU, then conv+BN + residual add + ReLU: two kernels (plus the shortcut's, if any)."""
+
+    def __init__(self, conv_1: FusedConvBNAct, conv_2: FusedConvBNAct, down_sample: nn.Module | None):
+        super().__init__()
+        self.conv_1 = conv_1
+        self.conv_2 = conv_2
+        self.down_sample = down_sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down_sample is None else self.down_sample(x)
+        return self.conv_2(self.conv_1(x), residual=identity)
+
+
+class FusedBottleneck(nn.Module):
+    """Two conv+BN+ReLU kernels, then the last conv+BN with the residual add and ReLU in one."""
+
+    def __init__(self, conv_1: FusedConvBNAct, conv_2: FusedConvBNAct, conv_3: FusedConvBNAct, down_sample: nn.Module | None):
+        super().__init__()
+        self.conv_1 = conv_1
+        self.conv_2 = conv_2
+        self.conv_3 = conv_3
+        self.down_sample = down_sample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.down_sample is None else self.down_sample(x)
+        return self.conv_3(self.conv_2(self.conv_1(x)), residual=identity)
