@@ -86,9 +86,7 @@ def available_backends() -> dict[str, BackendStatus]:
     return result
 
 
-_warned: set[tuple[str, str, str]] = set()
-
-
+# Cached: the choice is made, and any fallback warned about, once per (request, device type, dtype).
 @functools.lru_cache(maxsize=None)
 def _resolve(requested: str | None, device_type: str, dtype: torch.dtype) -> str:
     if requested is not None:
@@ -102,8 +100,7 @@ def _resolve(requested: str | None, device_type: str, dtype: torch.dtype) -> str
     for name in _PREFERENCE.get(device_type, ("torch",)):
         reason = BACKENDS[name].unavailable_reason(device_type, dtype)
         if reason is None:
-            if skipped and (device_type, str(dtype), name) not in _warned:
-                _warned.add((device_type, str(dtype), name))
+            if skipped:
                 warnings.warn(
                     f"resnet_fused: automatic backend on {device_type} with {dtype} falls back to {name!r} "
                     f"({'; '.join(skipped)})",
