@@ -21,6 +21,25 @@ PACKAGES = ["resnet_fused", "resnet_fused.backends", "resnet_fused.kernels"]
 PACKAGE_DIR = {"resnet_fused.kernels": "kernels"}
 
 
+def _fix_cuda_home() -> None:
+    """Without ``CUDA_HOME`` set, torch guesses it from the ``nvcc`` on PATH; where that is a wrapper
+    in /usr/local/bin the guess is /usr/local, which has no libcudart to link against. Prefer
+    /usr/local/cuda then."""
+    from torch.utils import cpp_extension
+
+    def has_cudart(home):
+        return home is not None and any(
+            glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib", "targets/*/lib")
+        )
+
+    fallback = "/usr/local/cuda"
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ or has_cudart(cpp_extension.CUDA_HOME):
+        return
+    if has_cudart(fallback) and os.path.exists(os.path.join(fallback, "bin", "nvcc")):
+        print(f"setup.py: CUDA_HOME guessed as {cpp_extension.CUDA_HOME!r} has no libcudart; using {fallback}")
+        cpp_extension.CUDA_HOME = fallback
+
+
 def _want_cuda(torch_cuda_version) -> bool:
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -43,13 +62,16 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std: each torch release adds the C++ standard its headers need (C++17 or C++20).
+    cxx_flags = ["-O3"]
+    if torch.version.cuda is not None:
+        _fix_cuda_home()
     if _want_cuda(torch.version.cuda):
         extension = CUDAExtension(
             "resnet_fused._C",
             sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
             define_macros=[("RESNET_FUSED_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )
     else:
         extension = CppExtension("resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags})

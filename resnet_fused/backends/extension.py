@@ -1,6 +1,127 @@
-"""PLACEHOLDER: being written in this session."""
+"""The C++/CUDA extension ``resnet_fused._C``: CPU and CUDA kernels behind ``torch.ops.resnet_fused``.
+
+The op schemas, CPU and CUDA kernels live in ``csrc/``; this module loads the library, registers
+the fake (meta) kernels that let ``torch.compile`` and ``torch.library.opcheck`` trace the ops, and
+implements the backend contract of :mod:`resnet_fused.backends`.
+
+Path switches, read on every call so a benchmark can compare the paths in one process:
+
+- ``RESNET_FUSED_CUDNN_FUSED`` (CUDA): ``1`` uses cuDNN's fused conv+bias+add+ReLU
+  (``aten::cudnn_convolution_add_relu``) for every conv with a residual and ReLU, ``0`` never
+  (cuDNN convolution + our epilogue kernel), unset or ``auto`` picks per shape and dtype (see
+  ``cudnn_fused_preferred`` in ``csrc/cuda/ops_cuda.cpp``).
+- ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
+  (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import torch
+import torch._prims_common
+
+from .. import _shapes
+
 NAME = "extension"
+CUDNN_FUSED_ENV = "RESNET_FUSED_CUDNN_FUSED"
+ONEDNN_FUSED_ENV = "RESNET_FUSED_ONEDNN_FUSED"
+OPS = ("conv_bias_act", "bias_act", "add_relu")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
 
 
-def unavailable_reason(device_type, dtype):
-    return "not implemented yet"
+def _load() -> str | None:
+    """Import the library (its static initialisers register the ops); the reason if that fails."""
+    try:
+        importlib.import_module("resnet_fused._C")
+    except ModuleNotFoundError as e:
+        if e.name == "resnet_fused._C":
+            return f"resnet_fused._C is not built: {e}; {_BUILD_HINT}"
+        return f"resnet_fused._C failed to load: {e}; {_BUILD_HINT}"
+    except (ImportError, OSError) as e:
+        # Typically undefined symbols: built against another torch than this one.
+        return f"resnet_fused._C failed to load (built against another torch than {torch.__version__}?): {e}; {_BUILD_HINT}"
+    return None
+
+
+_LOAD_ERROR = _load()
+
+
+def build_info() -> dict | None:
+    """How ``_C`` was built: ``torch`` (version built against), ``with_cuda``, and for CUDA builds
+    ``cuda`` (toolkit version) and ``cuda_archs`` (nvcc's target list, e.g. ``"900"``). ``None``
+    when ``_C`` is not loaded (see :func:`load_error`)."""
+    if _LOAD_ERROR is not None:
+        return None
+    return json.loads(torch.ops.resnet_fused.build_info())
+
+
+def load_error() -> str | None:
+    """Why ``_C`` could not be loaded, or ``None``."""
+    return _LOAD_ERROR
+
+
+def unavailable_reason(device_type: str, dtype: torch.dtype | None) -> str | None:
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    if dtype is not None and dtype not in _FLOATING:
+        return f"no kernels for {dtype}"
+    key = _DISPATCH_KEYS.get(device_type)
+    if key is None:
+        return f"no kernels for device type {device_type!r}"
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"resnet_fused::{op}", key)]
+    if not missing:
+        return None
+    if device_type == "cuda":
+        info = build_info()
+        return (
+            f"resnet_fused._C was built without CUDA (for torch {info['torch']}); rebuild it where torch has CUDA "
+            "and nvcc is found (set CUDA_HOME, or FORCE_CUDA=1)"
+        )
+    return f"resnet_fused._C has no {key} kernel for {', '.join(missing)}"
+
+
+def _suggest_memory_format(t: torch.Tensor) -> torch.memory_format:
+    # The same stride test as ATen's Tensor::suggest_memory_format, which the C++ kernels use.
+    return torch._prims_common.suggest_memory_format(t)
+
+
+def _conv_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    # Mirrors conv_output_format in csrc/common.h.
+    if torch.channels_last in (_suggest_memory_format(x), _suggest_memory_format(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if _LOAD_ERROR is None:
+    _conv_bias_act = torch.ops.resnet_fused.conv_bias_act.default
+    _bias_act = torch.ops.resnet_fused.bias_act.default
+    _add_relu = torch.ops.resnet_fused.add_relu.default
+
+    @torch.library.register_fake("resnet_fused::conv_bias_act")
+    def _conv_bias_act_fake(x, weight, bias, stride, padding, groups, residual, relu):
+        shape = _shapes.conv_output_shape(x.shape, weight.shape, stride, padding)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_conv_output_format(x, weight))
+
+    @torch.library.register_fake("resnet_fused::bias_act")
+    def _bias_act_fake(x, bias, relu):
+        return torch.empty_like(x, memory_format=_suggest_memory_format(x))
+
+    @torch.library.register_fake("resnet_fused::add_relu")
+    def _add_relu_fake(x, residual):
+        return torch.empty_like(x, memory_format=_suggest_memory_format(x))
+
+
+def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
+    return _conv_bias_act(x, weight, bias, list(stride), list(padding), groups, residual, relu)
+
+
+def add_relu(x, residual):
+    return _add_relu(x, residual)
+
+
+def bias_act(x, bias, relu):
+    return _bias_act(x, bias, relu)

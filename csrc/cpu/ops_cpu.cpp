@@ -1,0 +1,255 @@
+// CPU kernels: the fused epilogue (vectorized, parallel) and conv_bias_act through oneDNN's fused
+// post-ops when this ATen has them, else ATen's convolution followed by the epilogue (residual,
+// ReLU) in place.
+
+#include "../common.h"
+
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/convolution.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+namespace resnet_fused {
+namespace {
+
+// This file is compiled once, for the baseline ISA (no -mavx2): Vectorized<T> is then ATen's
+// portable implementation, which the compiler vectorizes for SSE2. The epilogue is bound by
+// memory bandwidth, so the wider ISAs would gain little, and building several ISA variants of
+// one file (as ATen does) is not something a setuptools extension can do per file.
+
+// Elements per parallel task: ATen's own grain (at::internal::GRAIN_SIZE, from a heavy header).
+constexpr int64_t kGrainElements = 32768;
+
+template <typename T>
+inline T relu_keep_nan(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// One contiguous run of `len` elements. The bias is either a per-element vector (channels_last:
+// the run is one pixel's channels) or one scalar (NCHW: the run is one channel plane).
+template <typename T>
+void epilogue_run(
+    T* out,
+    const T* in,
+    const T* res,
+    int64_t len,
+    const at::opmath_type<T>* bias_vec,
+    at::opmath_type<T> bias_scalar,
+    bool relu) {
+  using acc_t = at::opmath_type<T>;
+  using AVec = at::vec::Vectorized<acc_t>;
+  const AVec zero(acc_t(0));
+  const AVec bias_splat(bias_scalar);
+  // (x + bias) + residual on every path, the order of a convolution with bias followed by an add.
+  auto add_bias = [&](AVec v, int64_t offset) {
+    return v + (bias_vec != nullptr ? AVec::loadu(bias_vec + offset) : bias_splat);
+  };
+  auto act = [&](AVec v) { return relu ? at::vec::maximum(v, zero) : v; };
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      auto [a0, a1] = at::vec::convert_to_float<T>(Vec::loadu(in + i));
+      a0 = add_bias(a0, i);
+      a1 = add_bias(a1, i + AVec::size());
+      if (res != nullptr) {
+        auto [r0, r1] = at::vec::convert_to_float<T>(Vec::loadu(res + i));
+        a0 = a0 + r0;
+        a1 = a1 + r1;
+      }
+      at::vec::convert_from_float<T>(act(a0), act(a1)).store(out + i);
+    }
+  } else {
+    for (; i + AVec::size() <= len; i += AVec::size()) {
+      AVec a = add_bias(AVec::loadu(in + i), i);
+      if (res != nullptr) {
+        a = a + AVec::loadu(res + i);
+      }
+      act(a).store(out + i);
+    }
+  }
+  for (; i < len; ++i) {
+    acc_t a = static_cast<acc_t>(in[i]) + (bias_vec != nullptr ? bias_vec[i] : bias_scalar);
+    if (res != nullptr) {
+      a += static_cast<acc_t>(res[i]);
+    }
+    out[i] = static_cast<T>(relu ? relu_keep_nan(a) : a);
+  }
+}
+
+void epilogue_cpu(
+    const at::Tensor& out,
+    const at::Tensor& in,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    c10::MemoryFormat format) {
+  TORCH_INTERNAL_ASSERT(out.is_contiguous(format) && in.is_contiguous(format));
+  TORCH_INTERNAL_ASSERT(!residual.has_value() || residual->is_contiguous(format));
+  const int64_t channels = out.size(1);
+  const int64_t plane = out.size(2) * out.size(3);
+  const bool channels_last = format == c10::MemoryFormat::ChannelsLast;
+  // Runs of contiguous elements that share the bias layout: pixels (NHWC) or planes (NCHW).
+  const int64_t run_len = channels_last ? channels : plane;
+  const int64_t runs = out.numel() / run_len;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "resnet_fused_epilogue_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Widened once so the inner loops load the bias without converting it per pixel.
+    std::vector<acc_t> bias_acc(bias.has_value() ? channels : 0);
+    if (bias.has_value()) {
+      const scalar_t* b = bias->const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < channels; ++c) {
+        bias_acc[c] = static_cast<acc_t>(b[c]);
+      }
+    }
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* x = in.const_data_ptr<scalar_t>();
+    const scalar_t* r = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* bias_ptr = bias.has_value() ? bias_acc.data() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / run_len);
+    at::parallel_for(0, runs, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t run = begin; run < end; ++run) {
+        const int64_t offset = run * run_len;
+        const acc_t* bias_vec = channels_last ? bias_ptr : nullptr;
+        const acc_t bias_scalar = (!channels_last && bias_ptr != nullptr) ? bias_ptr[run % channels] : acc_t(0);
+        epilogue_run<scalar_t>(
+            o + offset, x + offset, r == nullptr ? nullptr : r + offset, run_len, bias_vec, bias_scalar, relu);
+      }
+    });
+  });
+}
+
+// oneDNN's convolution with fused post-ops, looked up through the dispatcher at run time: the ops
+// are internal to ATen (no public header), absent from builds without oneDNN, and their C++
+// signatures have changed between releases, so they are called boxed.
+struct OneDnn {
+  std::optional<c10::OperatorHandle> unary;   // conv + bias + unary post-op ("relu", "none")
+  std::optional<c10::OperatorHandle> binary;  // conv + bias + binary post-op ("add") + unary
+  bool bf16 = false;
+  bool fp16 = false;
+};
+
+bool call_bool_op(const char* name) {
+  const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!op.has_value()) {
+    return false;
+  }
+  torch::jit::Stack stack;
+  op->callBoxed(&stack);
+  return stack.at(0).toBool();
+}
+
+const OneDnn& onednn() {
+  static const OneDnn ops = [] {
+    OneDnn o;
+    if (!at::hasMKLDNN()) {
+      return o;
+    }
+    auto& dispatcher = c10::Dispatcher::singleton();
+    o.unary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
+    o.binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
+    // oneDNN refuses reduced precision on CPUs without the instructions for it, with an error.
+    o.bf16 = call_bool_op("mkldnn::_is_mkldnn_bf16_supported");
+    o.fp16 = call_bool_op("mkldnn::_is_mkldnn_fp16_supported");
+    return o;
+  }();
+  return ops;
+}
+
+constexpr const char* kOneDnnEnv = "RESNET_FUSED_ONEDNN_FUSED";
+
+// Whether this call goes through oneDNN's fused post-ops: yes wherever they can compute it, since
+// they run the same oneDNN convolution that at::convolution would pick for these dtypes and save
+// the epilogue's extra pass. RESNET_FUSED_ONEDNN_FUSED=0 turns it off (for comparisons and to test
+// the other path); torch.backends.mkldnn.enabled=False does too.
+bool use_onednn(const at::Tensor& x, bool has_residual) {
+  if (env_switch(kOneDnnEnv) == 0 || !at::globalContext().userEnabledMkldnn()) {
+    return false;
+  }
+  const OneDnn& ops = onednn();
+  if (!(has_residual ? ops.binary : ops.unary).has_value()) {
+    return false;
+  }
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return true;
+    case at::kBFloat16:
+      return ops.bf16;
+    case at::kHalf:
+      return ops.fp16;
+    default:
+      return false;
+  }
+}
+
+at::Tensor conv_onednn(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    int64_t groups,
+    const std::optional<at::Tensor>& residual,
+    bool relu) {
+  const OneDnn& ops = onednn();
+  const std::vector<int64_t> dilation{1, 1};
+  const c10::IValue bias_value = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
+  torch::jit::Stack stack;
+  if (residual.has_value()) {
+    stack = {x, *residual, weight, bias_value, padding.vec(), stride.vec(), dilation, groups,
+             std::string("add"), c10::IValue(), relu ? c10::IValue(std::string("relu")) : c10::IValue(),
+             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    ops.binary->callBoxed(&stack);
+  } else {
+    stack = {x, weight, bias_value, padding.vec(), stride.vec(), dilation, groups,
+             std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    ops.unary->callBoxed(&stack);
+  }
+  return stack.at(0).toTensor();
+}
+
+at::Tensor conv_bias_act_cpu(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    int64_t groups,
+    const std::optional<at::Tensor>& residual,
+    bool relu) {
+  check_conv_args(x, weight, bias, stride, padding, groups, residual);
+  const auto format = conv_output_format(x, weight);
+  if (x.numel() > 0 && use_onednn(x, residual.has_value())) {
+    return conv_onednn(x, weight, bias, stride, padding, groups, residual, relu).contiguous(format);
+  }
+  // The bias goes into the convolution: ATen's CPU convolutions add it while accumulating, at no
+  // cost and before the output is rounded to a low-precision dtype (as eager does).
+  at::Tensor out = at::convolution(x, weight, bias, stride, padding, {1, 1}, false, {0, 0}, groups).contiguous(format);
+  conv_epilogue_with(epilogue_cpu, out, std::nullopt, residual, relu, format);
+  return out;
+}
+
+at::Tensor bias_act_cpu(const at::Tensor& x, const at::Tensor& bias, bool relu) {
+  return bias_act_with(epilogue_cpu, x, bias, relu);
+}
+
+at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
+  return add_relu_with(epilogue_cpu, x, residual);
+}
+
+}  // namespace
+}  // namespace resnet_fused
+
+TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
+  m.impl("conv_bias_act", &resnet_fused::conv_bias_act_cpu);
+  m.impl("bias_act", &resnet_fused::bias_act_cpu);
+  m.impl("add_relu", &resnet_fused::add_relu_cpu);
+}

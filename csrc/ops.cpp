@@ -1,0 +1,53 @@
+// The op schemas, defined once for every backend, the build description, and the Python module
+// entry point: `import resnet_fused._C` loads this library, whose static initialisers register the
+// schemas here and the kernels in csrc/cpu and csrc/cuda with the dispatcher.
+
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <sstream>
+#include <string>
+
+#ifdef RESNET_FUSED_WITH_CUDA
+#include "cuda/epilogue_cuda.h"
+#endif
+
+namespace resnet_fused {
+
+// JSON, parsed by resnet_fused.backends.extension.build_info().
+std::string build_info() {
+  std::ostringstream out;
+  out << "{\"torch\": \"" << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "." << TORCH_VERSION_PATCH
+      << "\", ";
+#ifdef RESNET_FUSED_WITH_CUDA
+  out << "\"with_cuda\": true, " << cuda_build_info();
+#else
+  out << "\"with_cuda\": false";
+#endif
+  out << "}";
+  return out.str();
+}
+
+}  // namespace resnet_fused
+
+TORCH_LIBRARY(resnet_fused, m) {
+  // The fake kernels live in Python; this tells torch where to find them when a fake tensor
+  // reaches an op before that module was imported.
+  m.set_python_module("resnet_fused.backends.extension");
+  m.def(
+      "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int groups, "
+      "Tensor? residual, bool relu) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def("bias_act(Tensor x, Tensor bias, bool relu) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("add_relu(Tensor x, Tensor residual) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("build_info() -> str", &resnet_fused::build_info);
+}
+
+// An empty module: importing it is only a way to load the library with Python's own loader.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
