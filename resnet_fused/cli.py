@@ -125,8 +125,9 @@ def cmd_info(args) -> int:
     print(f"resnet-fused {__version__}")
     for key in ("python", "torch", "triton", "cuda", "cudnn", "platform", "cpu_capability", "threads"):
         print(f"  {key:15} {env.get(key, 'not installed')}")
-    describe = getattr(ops.BACKENDS["extension"], "build_info", None)
-    print(f"  {'extension':15} {describe() if describe else 'not built'}")
+    extension = ops.BACKENDS["extension"]
+    build = extension.build_info()
+    print(f"  {'extension':15} {json.dumps(build) if build else extension.load_error()}")
     print("devices:")
     print(f"  cpu: {_cpu_line(env)}")
     for i in range(torch.cuda.device_count()):
