@@ -10,6 +10,7 @@ resnet_fused`` works where triton is not installed. On CPU the kernels run only 
 interpreter (``TRITON_INTERPRET=1`` set before triton is imported): slow, for testing.
 """
 
+import contextlib
 import os
 from typing import Optional
 
@@ -43,10 +44,16 @@ def unavailable_reason(device_type: str, dtype: Optional[torch.dtype]) -> Option
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is visible to PyTorch"
-        if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < (8, 0):
+        # get_device_properties rather than get_device_capability: torch.compile constant-folds it
+        if dtype == torch.bfloat16 and torch.cuda.get_device_properties(torch.cuda.current_device()).major < 8:
             return "bfloat16 tensor-core MMAs need compute capability 8.0 (Ampere) or newer"
         return None
     return f"Triton kernels run on cuda (or cpu through the interpreter), not {device_type}"
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on the tensor's GPU, not whichever is current: custom ops get no device guard."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("resnet_fused_triton::conv_bias_act", mutates_args=())
@@ -62,20 +69,22 @@ def _conv_bias_act(
 ) -> torch.Tensor:
     from ..kernels import conv
 
-    return conv.conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
+    with _device_of(x):
+        return conv.conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
 
 
 @_conv_bias_act.register_fake
 def _(x, weight, bias, stride, padding, groups, residual, relu):
     shape = _shapes.conv_output_shape(x.shape, weight.shape, stride, padding)
-    return x.new_empty(shape).contiguous(memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("resnet_fused_triton::add_relu", mutates_args=())
 def _add_relu(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     from ..kernels import pointwise
 
-    return pointwise.add_relu(x, residual)
+    with _device_of(x):
+        return pointwise.add_relu(x, residual)
 
 
 @_add_relu.register_fake
@@ -87,7 +96,8 @@ def _(x, residual):
 def _bias_act(x: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
     from ..kernels import pointwise
 
-    return pointwise.bias_act(x, bias, relu)
+    with _device_of(x):
+        return pointwise.bias_act(x, bias, relu)
 
 
 @_bias_act.register_fake
