@@ -193,6 +193,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
             driver=_driver_version(),
             tf32_cudnn=torch.backends.cudnn.allow_tf32,
             tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
     else:
         info["device_name"] = _cpu_name()

@@ -1,0 +1,127 @@
+"""The benchmark suites in benchmarks/ and their renderer, run once at a tiny size so that they cannot rot.
+
+The suites run in one pytest subprocess (the benchmarks' conftest must not meet this one), on the
+CPU, resnet18 at 32x32, batch 1, two timed runs per variant, torch.compile included.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SUITES = ("bench_ops.py", "bench_blocks.py", "bench_models.py")
+TINY = ["--bench-device", "cpu", "--bench-models", "resnet18", "--bench-size", "32", "--bench-batch", "1",
+        "--bench-dtype", "fp32", "--bench-backends", "torch", "--bench-repeat", "2", "--bench-warmup", "0",
+        "--bench-min-time", "0"]
+
+
+@pytest.fixture(scope="module")
+def render():
+    # benchmarks/ is not a package: load render.py by path (registered, as its dataclasses need)
+    spec = importlib.util.spec_from_file_location("benchmarks_render", BENCHMARKS / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def suite_results(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "results.json"
+    # Triton's interpreter stays off: the suites never time it on a CPU.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *(f"benchmarks/{name}" for name in SUITES), *TINY,
+         "--benchmark-json", str(path), "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"benchmark suites failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    return path
+
+
+def test_every_suite_records_every_variant(suite_results):
+    data = json.loads(suite_results.read_text())
+    benchmarks = data["benchmarks"]
+    assert {b["extra_info"]["suite"] for b in benchmarks} == {"ops", "blocks", "models"}
+    for suite in ("ops", "blocks", "models"):
+        variants = {b["extra_info"]["variant"] for b in benchmarks if b["extra_info"]["suite"] == suite}
+        assert {"eager", "eager channels_last", "fused torch"} <= variants, suite
+    assert any(b["extra_info"]["kind"] == "compile" for b in benchmarks)
+    ops = {b["extra_info"]["subject"] for b in benchmarks if b["extra_info"]["suite"] == "ops"}
+    assert {"stem 7x7/2 3->64 32x32", "layer_2 conv 3x3/2 64->128 8x8", "layer_2 conv+residual 3x3 128->128 4x4",
+            "layer_2 downsample 1x1/2 64->128 8x8"} <= ops
+    for b in benchmarks:
+        info, stats = b["extra_info"], b["stats"]
+        # pytest-benchmark holds exactly the times resnet_fused.bench.time_fn measured
+        assert stats["rounds"] == 2 and b["options"]["timer"] == "resnet_fused.bench.time_fn"
+        assert stats["median"] * 1000.0 == pytest.approx(info["median_ms"], rel=1e-9)
+        assert info["rel_error_vs_fp64"] < 1e-4 and info["device"] == "cpu" and info["torch"]
+        assert b["group"].startswith(f"{info['suite']}: {info['subject']}, batch 1, float32")
+    assert data["machine_info"]["resnet_fused"]["torch"]
+
+
+def test_render_suite_results(suite_results, render, tmp_path):
+    assert render.main([str(suite_results), "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "results.md").read_text()
+    for title in ("## Whole models", "## Residual blocks", "## Fused ops", "![speedup over eager](speedup.png)"):
+        assert title in text
+    assert (tmp_path / "speedup.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _pytest_benchmark_json(rows, device="cuda", device_name="NVIDIA H100 80GB HBM3"):
+    env = {"device": device, "device_name": device_name, "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0",
+           "cudnn": 91400, "driver": "580.1", "capability": "9.0", "tf32_cudnn": True, "tf32_matmul": False}
+    benchmarks = [
+        {"extra_info": {"suite": "models", "subject": "resnet50", "batch": batch, "size": 224, "dtype": "float16",
+                        "variant": variant, "kind": kind, "cuda_graph": "CUDA graph" in variant, "rel_error_vs_fp64": 1e-3},
+         "stats": {"median": ms / 1000.0, "rounds": 10}}
+        for batch, variant, kind, ms in rows
+    ]
+    return {"machine_info": {"resnet_fused": env}, "benchmarks": benchmarks, "datetime": "2026-11-28T10:00:00+00:00"}
+
+
+def test_render_tiny_json(render, tmp_path):
+    results = tmp_path / "in.json"
+    results.write_text(json.dumps(_pytest_benchmark_json([
+        (256, "eager", "eager", 100.0), (256, "torch.compile", "compile", 50.0),
+        (256, "fused triton", "fused", 40.0), (256, "fused torch", "fused", 80.0),
+        (1, "eager", "eager", 5.0), (1, "fused triton + CUDA graph", "fused", 1.25),
+    ])))
+    cli_record = {"model": "resnet18", "batch": 8, "size": 224, "dtype": "float32",
+                  "environment": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},
+                  "results": [{"variant": "eager", "kind": "eager", "median_ms": 9.0, "times_ms": [9.0]},
+                              {"variant": "fused triton", "kind": "fused", "median_ms": 3.0, "times_ms": [3.0]}]}
+    (tmp_path / "cli.json").write_text(json.dumps(cli_record))
+
+    assert render.main([str(results), str(tmp_path / "cli.json"), "--results-root", str(tmp_path / "results"), "--summary"]) == 0
+    out = tmp_path / "results" / "2026-11-28_nvidia-h100-80gb-hbm3"
+    assert sorted(p.name for p in out.iterdir()) == ["cli.json", "in.json", "results.md", "speedup.png"]
+    text = (out / "results.md").read_text()
+    assert "| resnet50 | 256 | fp16 | 224x224 | fused triton | 40.000 | 6,400.0 | 2.50x | 1.25x | 1.0e-03 |" in text
+    assert "| resnet18 | 8 | fp32 | 224x224 | fused triton | 3.000 | 2,666.7 | 3.00x | - | - |" in text
+    assert "TF32: cuDNN convolutions on" in text and "driver 580.1" in text
+    targets = [line for line in text.splitlines() if line.startswith("| resnet50 fp16 batch")]
+    assert [line.rsplit("|", 2)[1].strip() for line in targets] == ["MET", "MET", "MISSED"]
+
+
+def test_render_names_cpu_directories_and_refuses_mixed_machines(render, tmp_path):
+    assert render.slug({"device": "cpu", "device_name": "AMD EPYC (2 threads)"}) == "cpu-amd-epyc-2t"
+    assert render.slug({"device": "cpu", "device_name": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.0GHz (16 threads)"}) \
+        == "cpu-intel-xeon-platinum-8480-16t"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_pytest_benchmark_json([(1, "eager", "eager", 1.0)])))
+    b.write_text(json.dumps(_pytest_benchmark_json([(1, "eager", "eager", 1.0)], "cpu", "AMD EPYC (2 threads)")))
+    assert render.main([str(a), str(b), "--out", str(tmp_path / "mixed")]) == 1
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "run_cpu.sh"])
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(BENCHMARKS / script)]).returncode == 0
