@@ -16,8 +16,6 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
 from utils import assert_close, reference_conv_bias_act
 
 from resnet_fused import ops
@@ -273,26 +271,6 @@ def test_fused_resnet18_matches_reference():
         out = fused(x.to(DEVICE).contiguous(memory_format=torch.channels_last))
     assert not torch.allclose(ref[0], ref[1], rtol=1e-2), "degenerate model: output does not depend on the input"
     assert_close(out.cpu(), ref, torch.float32, rel=1e-5)
-
-
-@needs_triton
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_conv_property(data):
-    groups = data.draw(st.sampled_from([1, 1, 2, 3]), label="groups")
-    c_g = data.draw(st.integers(1, 20), label="c_per_group")
-    k_g = data.draw(st.integers(1, 20), label="k_per_group")
-    kh, kw = data.draw(st.sampled_from([1, 3, 5, 7]), label="kh"), data.draw(st.sampled_from([1, 2, 3]), label="kw")
-    stride = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 3)), label="stride")
-    padding = data.draw(st.tuples(st.integers(0, 3), st.integers(0, 2)), label="padding")
-    h, w = data.draw(st.integers(1, 11), label="h"), data.draw(st.integers(1, 11), label="w")
-    assume(h + 2 * padding[0] >= kh and w + 2 * padding[1] >= kw)
-    n = data.draw(st.integers(1, 2), label="n")
-    layout = data.draw(st.sampled_from(["nchw", "channels_last", "sliced"]), label="layout")
-    bias, residual, relu = (data.draw(st.booleans(), label=name) for name in ("bias", "residual", "relu"))
-    x, weight, b, res = conv_inputs(n, c_g * groups, h, w, k_g * groups, (kh, kw), stride, padding, groups,
-                                    layout=layout, bias=bias, residual=residual)
-    check_conv(x, weight, b, res, stride, padding, groups, relu)
 
 
 def run_python(code: str, **env_changes: str | None) -> subprocess.CompletedProcess:
