@@ -29,16 +29,7 @@ REASON = triton_backend.unavailable_reason(DEVICE, None)
 needs_triton = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
 
 
-@pytest.fixture(autouse=True)
-def nan_filled_empty_exact_fp32():
-    """torch.empty fills with NaN; fp32 convs (ours and the reference) without TF32 on a GPU."""
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+pytestmark = pytest.mark.usefixtures("nan_filled_empty_exact_fp32")
 
 
 def make(shape, layout, dtype=torch.float32):

@@ -10,23 +10,10 @@ from utils import assert_close, assert_within_eager_error, reference_conv_bias_a
 from resnet_fused import ops
 from resnet_fused.backends import torch_backend
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("nan_filled_empty_exact_fp32")]
 pytest.importorskip("triton")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_empty_exact_fp32():
-    """torch.empty fills with NaN (unwritten outputs show), fp32 without TF32 unless a test turns it on."""
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.cuda.empty_cache()
 
 
 # (c, h, w, k, kernel, stride, padding, groups, residual) at a 224x224 input.

@@ -10,7 +10,9 @@ hypothesis = pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_triton import check_conv, conv_inputs, nan_filled_empty_exact_fp32, needs_triton  # noqa: E402,F401 - the autouse fixture applies here too
+from test_triton import check_conv, conv_inputs, needs_triton  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("nan_filled_empty_exact_fp32")
 
 
 @needs_triton
