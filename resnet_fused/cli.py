@@ -223,25 +223,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", nargs="+", default=["resnet50"],
+def _add_common(parser: argparse.ArgumentParser, *, batch: int, size: int) -> None:
+    # Added to each subcommand separately: argparse parents share their actions, so one
+    # subcommand's set_defaults would change the other's defaults.
+    parser.add_argument("--model", nargs="+", default=["resnet50"],
                         help="resnet18..resnet152 (ours), torchvision:<name> or timm:<name> (default resnet50)")
-    common.add_argument("--batch", type=int, default=1)
-    common.add_argument("--size", type=int, default=224, help="input height and width")
-    common.add_argument("--dtype", nargs="+", default=["float32"], help="float32, float16, bfloat16")
-    common.add_argument("--device", default="cpu")
-    common.add_argument("--backend", nargs="+", default=None, help=f"any of {', '.join(ops.BACKENDS)} (default: automatic)")
-    common.add_argument("--weights", default=None, help="checkpoint (torchvision or our names), loaded with weights_only=True")
-    common.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    parser.add_argument("--batch", type=int, default=batch, help=f"batch size (default {batch})")
+    parser.add_argument("--size", type=int, default=size, help=f"input height and width (default {size})")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], help="float32, float16, bfloat16")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", nargs="+", default=None, help=f"any of {', '.join(ops.BACKENDS)} (default: automatic)")
+    parser.add_argument("--weights", default=None, help="checkpoint (torchvision or our names), loaded with weights_only=True")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
 
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-fused", description="Fused ResNet inference: inspect, verify, benchmark.")
     parser.add_argument("--version", action="version", version=f"resnet-fused {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, backends").set_defaults(func=cmd_info)
-    verify = sub.add_parser("verify", parents=[common], help="fused vs reference accuracy; exit 1 on mismatch")
-    verify.set_defaults(func=cmd_verify, size=64, batch=2)
-    bench = sub.add_parser("bench", parents=[common], help="eager vs fused latency table")
+    verify = sub.add_parser("verify", help="fused vs reference accuracy; exit 1 on mismatch")
+    _add_common(verify, batch=2, size=64)
+    verify.set_defaults(func=cmd_verify)
+    bench = sub.add_parser("bench", help="eager vs fused latency table")
+    _add_common(bench, batch=1, size=224)
     bench.add_argument("--repeat", type=int, default=10, help="timed runs per variant")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--compile", action="store_true", help="also time torch.compile (inductor, freezing on)")

@@ -82,6 +82,13 @@ def test_weights_file_round_trip_and_untrusted_pickle(tmp_path, capsys):
     assert "weights_only=True" in capsys.readouterr().err
 
 
+def test_each_command_has_its_own_defaults():
+    parser = cli._parser()
+    bench, verify = parser.parse_args(["bench"]), parser.parse_args(["verify"])
+    assert (bench.batch, bench.size) == (1, 224)
+    assert (verify.batch, verify.size) == (2, 64)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["verify", "--model", "resnet7"], "unknown model 'resnet7'"),
     (["verify", "--dtype", "int8"], "unknown dtype 'int8'"),
