@@ -64,6 +64,12 @@ def _extensions():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # No -std: each torch release adds the C++ standard its headers need (C++17 or C++20).
     cxx_flags = ["-O3"]
+    link_flags = []
+    # at::parallel_for is inline: without -fopenmp our CPU kernels would run on one thread. The
+    # runtime is the libgomp torch already loaded (same soname), so the threads are torch's.
+    if torch.backends.openmp.is_available() and os.name == "posix":
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if torch.version.cuda is not None:
         _fix_cuda_home()
     if _want_cuda(torch.version.cuda):
@@ -72,9 +78,12 @@ def _extensions():
             sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
             define_macros=[("RESNET_FUSED_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
-        extension = CppExtension("resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags})
+        extension = CppExtension(
+            "resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -253,6 +253,29 @@ def test_cpu_path_switch(residual, monkeypatch):
 
 
 @needs_ext
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("shape", ["3x3s2", "1x1s1", "stem7x7s2"])
+def test_packed_weights_follow_the_weight(shape, monkeypatch):
+    """oneDNN's re-laid-out weights are cached per weight and input shape: an in-place update, a
+    new input shape, and a new weight where a freed one lived must each be computed afresh."""
+    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "1")
+    x, weight, bias, kwargs = make_conv_case(shape, "bias_relu", "channels_last", torch.float32)
+
+    def check(x, weight):
+        assert_close(call_conv(x, weight, bias, kwargs), reference_conv_bias_act(x, weight, bias, **kwargs))
+
+    check(x, weight)
+    weight.mul_(-0.75)
+    check(x, weight)
+    check(torch.cat([x, x.flip(0)]).contiguous(memory_format=torch.channels_last), weight)
+    for seed in range(3):
+        del weight
+        weight = torch.randn(SHAPES[shape][1], SHAPES[shape][0], SHAPES[shape][2], SHAPES[shape][2],
+                             generator=torch.Generator().manual_seed(seed))
+        check(x, weight)
+
+
+@needs_ext
 def test_bad_switch_value(monkeypatch):
     monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "yes")
     x, weight, bias, kwargs = make_conv_case("1x1s1", "bias_relu", "nchw", torch.float32)

@@ -3,6 +3,8 @@
 // ReLU) in place.
 
 #include "../common.h"
+#include "weight_cache.h"
+#include "winograd.h"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -12,9 +14,17 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/convolution.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mkldnn_reorder_conv2d_weight.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <chrono>
+#include <functional>
+#include <mutex>
+#include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 namespace resnet_fused {
@@ -202,18 +212,169 @@ at::Tensor conv_onednn(
   const OneDnn& ops = onednn();
   const std::vector<int64_t> dilation{1, 1};
   const c10::IValue bias_value = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
+  // oneDNN's weight layout depends on the input shape, so that is part of the key.
+  static WeightCache cache;
+  const at::Tensor packed = cache.get(
+      weight, {x.size(0), x.size(1), x.size(2), x.size(3), stride[0], stride[1], padding[0], padding[1], groups},
+      [&](const at::Tensor& w) {
+        return at::mkldnn_reorder_conv2d_weight(w.contiguous().to_mkldnn(), padding, stride, dilation, groups, x.sizes());
+      });
   torch::jit::Stack stack;
   if (residual.has_value()) {
-    stack = {x, *residual, weight, bias_value, padding.vec(), stride.vec(), dilation, groups,
+    stack = {x, *residual, packed, bias_value, padding.vec(), stride.vec(), dilation, groups,
              std::string("add"), c10::IValue(), relu ? c10::IValue(std::string("relu")) : c10::IValue(),
              c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.binary->callBoxed(&stack);
   } else {
-    stack = {x, weight, bias_value, padding.vec(), stride.vec(), dilation, groups,
+    stack = {x, packed, bias_value, padding.vec(), stride.vec(), dilation, groups,
              std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.unary->callBoxed(&stack);
   }
   return stack.at(0).toTensor();
+}
+
+// ---- Winograd F(2x2, 3x3) (winograd_cpu.cpp) and the per-shape choice between it and the direct
+// convolution.
+//
+// Which is faster depends on the shape and the machine: Winograd does 2.25x fewer multiply-adds but
+// reads a 16/9x larger weight and transforms every tile, so it loses where the weight dominates
+// (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the GEMMs dominate. Like cuDNN's
+// benchmark mode, the first call of each shape times the candidates on the real input and keeps
+// the fastest. RESNET_FUSED_WINOGRAD=0 never uses Winograd, =1 always does where it applies.
+
+constexpr const char* kWinogradEnv = "RESNET_FUSED_WINOGRAD";
+
+bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                      int64_t groups) {
+  return x.scalar_type() == at::kFloat && weight.size(2) == 3 && weight.size(3) == 3 && stride[0] == 1 &&
+      stride[1] == 1 && padding[0] == 1 && padding[1] == 1 && groups == 1 &&
+      weight.size(0) % winograd::kPanelChannels == 0 && winograd::cpu_supported();
+}
+
+// Tiles per work item. Small blocks keep a block's transformed input and GEMM output in L2; large
+// ones read the transformed weight fewer times, which pays once it no longer fits in cache.
+constexpr int64_t kBlockCandidates[] = {12, 48, 192};
+
+int64_t default_block(const at::Tensor& weight) {
+  const int64_t weight_bytes = 16 * weight.size(0) * weight.size(1) * 4;
+  return weight_bytes > (8 << 20) ? 192 : 12;
+}
+
+struct ShapeKey {
+  int64_t n, c, h, w, k;
+  bool residual;
+  int threads;
+  bool operator==(const ShapeKey& o) const {
+    return n == o.n && c == o.c && h == o.h && w == o.w && k == o.k && residual == o.residual && threads == o.threads;
+  }
+};
+
+struct ShapeKeyHash {
+  size_t operator()(const ShapeKey& s) const {
+    size_t h = 0;
+    for (int64_t v : {s.n, s.c, s.h, s.w, s.k, int64_t(s.residual), int64_t(s.threads)}) {
+      h = h * 1000003u ^ std::hash<int64_t>()(v);
+    }
+    return h;
+  }
+};
+
+// Chosen Winograd block per shape; 0 means the direct convolution.
+std::mutex choice_mutex;
+std::unordered_map<ShapeKey, int64_t, ShapeKeyHash> choices;
+
+double best_of_ms(const std::function<void()>& run) {
+  run();  // warm-up: first-touch of buffers, oneDNN primitive creation, weight packing
+  double best = 1e30;
+  for (int i = 0; i < 2; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+// Transformed once per weight (weight_cache.h).
+at::Tensor winograd_weight(const at::Tensor& weight) {
+  static WeightCache cache;
+  return cache.get(weight, {}, winograd::transform_weight);
+}
+
+at::Tensor conv_winograd(
+    const at::Tensor& x,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    int64_t block) {
+  constexpr auto cl = c10::MemoryFormat::ChannelsLast;
+  const int64_t k = u.size(1) * u.size(3);
+  at::Tensor out = at::empty({x.size(0), k, x.size(2), x.size(3)}, x.options().memory_format(cl));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({k}, x.options());
+  std::optional<at::Tensor> r;
+  if (residual.has_value()) {
+    r = residual->contiguous(cl);
+  }
+  winograd::conv(x.contiguous(cl), u, b, r, relu, out, block);
+  return out;
+}
+
+at::Tensor conv_direct(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    int64_t groups,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    c10::MemoryFormat format) {
+  if (x.numel() > 0 && use_onednn(x, residual.has_value())) {
+    return conv_onednn(x, weight, bias, stride, padding, groups, residual, relu).contiguous(format);
+  }
+  // The bias goes into the convolution: ATen's CPU convolutions add it while accumulating, at no
+  // cost and before the output is rounded to a low-precision dtype (as eager does).
+  at::Tensor out = at::convolution(x, weight, bias, stride, padding, {1, 1}, false, {0, 0}, groups).contiguous(format);
+  conv_epilogue_with(epilogue_cpu, out, std::nullopt, residual, relu, format);
+  return out;
+}
+
+// The Winograd block for this call, or 0 for the direct convolution.
+int64_t winograd_block(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const at::Tensor& u,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    c10::MemoryFormat format) {
+  const int mode = env_switch(kWinogradEnv);
+  if (mode >= 0) {
+    return mode == 1 ? default_block(weight) : 0;
+  }
+  const ShapeKey key{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), residual.has_value(),
+                     at::get_num_threads()};
+  {
+    std::lock_guard<std::mutex> lock(choice_mutex);
+    auto it = choices.find(key);
+    if (it != choices.end()) {
+      return it->second;
+    }
+  }
+  int64_t best_block = 0;
+  double best = best_of_ms([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
+  for (int64_t block : kBlockCandidates) {
+    const double ms = best_of_ms([&] { conv_winograd(x, u, bias, residual, relu, block).contiguous(format); });
+    if (ms < best) {
+      best = ms;
+      best_block = block;
+    }
+  }
+  std::lock_guard<std::mutex> lock(choice_mutex);
+  choices.emplace(key, best_block);
+  return best_block;
 }
 
 at::Tensor conv_bias_act_cpu(
@@ -227,14 +388,14 @@ at::Tensor conv_bias_act_cpu(
     bool relu) {
   check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
-  if (x.numel() > 0 && use_onednn(x, residual.has_value())) {
-    return conv_onednn(x, weight, bias, stride, padding, groups, residual, relu).contiguous(format);
+  if (x.numel() > 0 && env_switch(kWinogradEnv) != 0 && winograd_applies(x, weight, stride, padding, groups)) {
+    const at::Tensor u = winograd_weight(weight);
+    const int64_t block = winograd_block(x, weight, u, bias, stride, padding, residual, relu, format);
+    if (block > 0) {
+      return conv_winograd(x, u, bias, residual, relu, block).contiguous(format);
+    }
   }
-  // The bias goes into the convolution: ATen's CPU convolutions add it while accumulating, at no
-  // cost and before the output is rounded to a low-precision dtype (as eager does).
-  at::Tensor out = at::convolution(x, weight, bias, stride, padding, {1, 1}, false, {0, 0}, groups).contiguous(format);
-  conv_epilogue_with(epilogue_cpu, out, std::nullopt, residual, relu, format);
-  return out;
+  return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);
 }
 
 at::Tensor bias_act_cpu(const at::Tensor& x, const at::Tensor& bias, bool relu) {
