@@ -3,6 +3,8 @@
 // ReLU) in place.
 
 #include "../common.h"
+#include "avx2_gemm.h"
+#include "conv1x1.h"
 #include "weight_cache.h"
 #include "winograd.h"
 
@@ -19,6 +21,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <array>
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -233,58 +236,66 @@ at::Tensor conv_onednn(
   return stack.at(0).toTensor();
 }
 
-// ---- Winograd F(2x2, 3x3) (winograd_cpu.cpp) and the per-shape choice between it and the direct
-// convolution.
+// ---- Our own AVX2 convolutions and the per-shape choice between them and the direct (oneDNN or
+// ATen) convolution: Winograd F(2x2, 3x3) for 3x3 stride-1 convs (winograd_cpu.cpp), one fused
+// GEMM for 1x1 convs (conv1x1_cpu.cpp).
 //
 // Which is faster depends on the shape and the machine: Winograd does 2.25x fewer multiply-adds but
 // reads a 16/9x larger weight and transforms every tile, so it loses where the weight dominates
-// (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the GEMMs dominate. Like cuDNN's
+// (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the GEMMs dominate; the 1x1
+// kernel saves oneDNN's separate residual pass but has no cache blocking over C. Like cuDNN's
 // benchmark mode, the first call of each shape times the candidates on the real input and keeps
-// the fastest. RESNET_FUSED_WINOGRAD=0 never uses Winograd, =1 always does where it applies.
+// the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply.
 
-constexpr const char* kWinogradEnv = "RESNET_FUSED_WINOGRAD";
+constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 
-bool winograd_applies(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                      int64_t groups) {
-  return x.scalar_type() == at::kFloat && weight.size(2) == 3 && weight.size(3) == 3 && stride[0] == 1 &&
-      stride[1] == 1 && padding[0] == 1 && padding[1] == 1 && groups == 1 &&
-      weight.size(0) % winograd::kPanelChannels == 0 && winograd::cpu_supported();
+enum class Kernel { kDirect, kWinograd, kConv1x1 };
+
+// Which of our kernels could compute this call, if any.
+Kernel own_kernel(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                  int64_t groups) {
+  if (x.scalar_type() != at::kFloat || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
+      !avx2::cpu_has_avx2_fma()) {
+    return Kernel::kDirect;
+  }
+  const int64_t r = weight.size(2), s = weight.size(3);
+  if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1) {
+    return Kernel::kWinograd;
+  }
+  if (r == 1 && s == 1 && padding[0] == 0 && padding[1] == 0) {
+    return Kernel::kConv1x1;
+  }
+  return Kernel::kDirect;
 }
 
-// Tiles per work item. Small blocks keep a block's transformed input and GEMM output in L2; large
-// ones read the transformed weight fewer times, which pays once it no longer fits in cache.
+// Tiles (Winograd) or pixels (1x1) per work item. Small blocks keep a block's data in L2; large
+// ones read the packed weight fewer times, which pays once it no longer fits in cache.
 constexpr int64_t kBlockCandidates[] = {12, 48, 192};
 
-int64_t default_block(const at::Tensor& weight) {
-  const int64_t weight_bytes = 16 * weight.size(0) * weight.size(1) * 4;
-  return weight_bytes > (8 << 20) ? 192 : 12;
+int64_t default_block(const at::Tensor& packed) {
+  return packed.numel() * 4 > (8 << 20) ? 192 : 48;
 }
 
 struct ShapeKey {
-  int64_t n, c, h, w, k;
+  std::array<int64_t, 10> v;  // x sizes, K, kernel size, stride, threads
   bool residual;
-  int threads;
   bool operator==(const ShapeKey& o) const {
-    return n == o.n && c == o.c && h == o.h && w == o.w && k == o.k && residual == o.residual && threads == o.threads;
+    return v == o.v && residual == o.residual;
   }
 };
 
 struct ShapeKeyHash {
   size_t operator()(const ShapeKey& s) const {
-    size_t h = 0;
-    for (int64_t v : {s.n, s.c, s.h, s.w, s.k, int64_t(s.residual), int64_t(s.threads)}) {
+    size_t h = s.residual;
+    for (int64_t v : s.v) {
       h = h * 1000003u ^ std::hash<int64_t>()(v);
     }
     return h;
   }
 };
 
-// Chosen Winograd block per shape; 0 means the direct convolution.
-std::mutex choice_mutex;
-std::unordered_map<ShapeKey, int64_t, ShapeKeyHash> choices;
-
 double best_of_ms(const std::function<void()>& run) {
-  run();  // warm-up: first-touch of buffers, oneDNN primitive creation, weight packing
+  run();  // warm-up: first touch of buffers, oneDNN primitive creation and weight packing
   double best = 1e30;
   for (int i = 0; i < 2; ++i) {
     const auto start = std::chrono::steady_clock::now();
@@ -294,28 +305,37 @@ double best_of_ms(const std::function<void()>& run) {
   return best;
 }
 
-// Transformed once per weight (weight_cache.h).
-at::Tensor winograd_weight(const at::Tensor& weight) {
+// Weight re-laid out once per weight for our kernels (weight_cache.h).
+at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
   static WeightCache cache;
-  return cache.get(weight, {}, winograd::transform_weight);
+  if (kernel == Kernel::kWinograd) {
+    return cache.get(weight, {3}, winograd::transform_weight);
+  }
+  return cache.get(weight, {1}, conv1x1::pack_weight);
 }
 
-at::Tensor conv_winograd(
+at::Tensor conv_own(
+    Kernel kernel,
     const at::Tensor& x,
-    const at::Tensor& u,
+    const at::Tensor& packed,
     const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
     const std::optional<at::Tensor>& residual,
     bool relu,
-    int64_t block) {
+    int64_t block,
+    const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
-  const int64_t k = u.size(1) * u.size(3);
-  at::Tensor out = at::empty({x.size(0), k, x.size(2), x.size(3)}, x.options().memory_format(cl));
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({k}, x.options());
+  at::Tensor out = at::empty(out_sizes, x.options().memory_format(cl));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
   std::optional<at::Tensor> r;
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
-  winograd::conv(x.contiguous(cl), u, b, r, relu, out, block);
+  if (kernel == Kernel::kWinograd) {
+    winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block);
+  } else {
+    conv1x1::conv(x.contiguous(cl), packed, b, r, relu, stride, out, block);
+  }
   return out;
 }
 
@@ -339,25 +359,31 @@ at::Tensor conv_direct(
   return out;
 }
 
-// The Winograd block for this call, or 0 for the direct convolution.
-int64_t winograd_block(
+// The block for our kernel, or 0 for the direct convolution: forced by the environment, else
+// timed once per shape.
+int64_t choose_block(
+    Kernel kernel,
     const at::Tensor& x,
     const at::Tensor& weight,
-    const at::Tensor& u,
+    const at::Tensor& packed,
     const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     const std::optional<at::Tensor>& residual,
     bool relu,
-    c10::MemoryFormat format) {
-  const int mode = env_switch(kWinogradEnv);
+    c10::MemoryFormat format,
+    const std::array<int64_t, 4>& out_sizes) {
+  const int mode = env_switch(kAvx2ConvEnv);
   if (mode >= 0) {
-    return mode == 1 ? default_block(weight) : 0;
+    return mode == 1 ? default_block(packed) : 0;
   }
-  const ShapeKey key{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), residual.has_value(),
-                     at::get_num_threads()};
+  static std::mutex mutex;
+  static std::unordered_map<ShapeKey, int64_t, ShapeKeyHash> choices;
+  const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                      stride[0], stride[1], at::get_num_threads()},
+                     residual.has_value()};
   {
-    std::lock_guard<std::mutex> lock(choice_mutex);
+    std::lock_guard<std::mutex> lock(mutex);
     auto it = choices.find(key);
     if (it != choices.end()) {
       return it->second;
@@ -366,13 +392,14 @@ int64_t winograd_block(
   int64_t best_block = 0;
   double best = best_of_ms([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
   for (int64_t block : kBlockCandidates) {
-    const double ms = best_of_ms([&] { conv_winograd(x, u, bias, residual, relu, block).contiguous(format); });
+    const double ms = best_of_ms(
+        [&] { conv_own(kernel, x, packed, bias, stride, residual, relu, block, out_sizes).contiguous(format); });
     if (ms < best) {
       best = ms;
       best_block = block;
     }
   }
-  std::lock_guard<std::mutex> lock(choice_mutex);
+  std::lock_guard<std::mutex> lock(mutex);
   choices.emplace(key, best_block);
   return best_block;
 }
@@ -386,13 +413,15 @@ at::Tensor conv_bias_act_cpu(
     int64_t groups,
     const std::optional<at::Tensor>& residual,
     bool relu) {
-  check_conv_args(x, weight, bias, stride, padding, groups, residual);
+  const auto out_sizes = check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
-  if (x.numel() > 0 && env_switch(kWinogradEnv) != 0 && winograd_applies(x, weight, stride, padding, groups)) {
-    const at::Tensor u = winograd_weight(weight);
-    const int64_t block = winograd_block(x, weight, u, bias, stride, padding, residual, relu, format);
+  const Kernel kernel = own_kernel(x, weight, stride, padding, groups);
+  if (x.numel() > 0 && kernel != Kernel::kDirect && env_switch(kAvx2ConvEnv) != 0) {
+    const at::Tensor packed = packed_weight(weight, kernel);
+    const int64_t block =
+        choose_block(kernel, x, weight, packed, bias, stride, padding, residual, relu, format, out_sizes);
     if (block > 0) {
-      return conv_winograd(x, u, bias, residual, relu, block).contiguous(format);
+      return conv_own(kernel, x, packed, bias, stride, residual, relu, block, out_sizes).contiguous(format);
     }
   }
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);

@@ -1,6 +1,7 @@
 #pragma once
 // Winograd F(2x2, 3x3) convolution on CPU (csrc/cpu/winograd_cpu.cpp): 3x3, stride 1, padding 1,
-// groups 1, fp32, channels_last, output channels a multiple of 16, x86-64 with AVX2 and FMA.
+// groups 1, fp32, channels_last, output channels a multiple of 16, x86-64 with AVX2 and FMA
+// (avx2_gemm.h).
 
 #include <ATen/core/Tensor.h>
 
@@ -9,17 +10,8 @@
 namespace resnet_fused {
 namespace winograd {
 
-// Output channels per packed weight panel: K must be a multiple of it.
-constexpr int64_t kPanelChannels = 16;
-
-// Whether this CPU can run the kernel (checked once).
-bool cpu_supported();
-
 // The (K, C, 3, 3) weight transformed and packed for conv(): float32 (16, K / 16, C, 16).
 at::Tensor transform_weight(const at::Tensor& weight);
-
-// Number of 2x2 output tiles of x (N, C, H, W).
-int64_t tiles(const at::Tensor& x);
 
 // out = relu?(conv3x3(x, weight) + bias (+ residual)), all dense channels_last fp32, `u` from
 // transform_weight; `block` tiles per work item (the tuning knob: cache reuse vs weight traffic).

@@ -12,28 +12,24 @@
 // few roundings; the weight transform is done in float64 and rounded once.
 #include "winograd.h"
 
+#include "avx2_gemm.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define RF_AVX2 __attribute__((target("avx2,fma")))
-#define RF_HAVE_X86 1
-#else
-#define RF_AVX2
-#define RF_HAVE_X86 0
-#endif
-
 namespace resnet_fused {
 namespace winograd {
 namespace {
 
-constexpr int64_t kFreq = 16;                 // points of a 4x4 transformed tile, one GEMM each
-constexpr int64_t kPanel = kPanelChannels;   // two AVX2 registers of output channels
-constexpr int64_t kRows = 6;                  // tiles per micro-kernel call: 12 accumulators + 3 of 16 registers
+constexpr int64_t kFreq = 16;  // points of a 4x4 transformed tile, one GEMM each
+using avx2::kPanel;
+
+int64_t tiles(const at::Tensor& x) {
+  return x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
+}
 
 struct Geometry {
   int64_t n, c, h, w, k, th, tw, tiles;
@@ -86,89 +82,6 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
         o3[ch] = a1[ch] - a3[ch];
       }
     }
-  }
-}
-
-// m[R x 16] = v[R x C] (row stride ldv) * u[C x 16] (packed panel). Named accumulators, not an
-// array: GCC keeps an array of __m256 in memory and spills every FMA result.
-template <int R>
-RF_AVX2 void micro_kernel(int64_t c, const float* v, int64_t ldv, const float* u, float* m, int64_t ldm) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
-  __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-  const float* v0 = v;
-  const float* v1 = v + ldv;
-  const float* v2 = v + 2 * ldv;
-  const float* v3 = v + 3 * ldv;
-  const float* v4 = v + 4 * ldv;
-  const float* v5 = v + 5 * ldv;
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const __m256 u0 = _mm256_loadu_ps(u + ch * kPanel);
-    const __m256 u1 = _mm256_loadu_ps(u + ch * kPanel + 8);
-    __m256 b = _mm256_broadcast_ss(v0 + ch);
-    a00 = _mm256_fmadd_ps(b, u0, a00);
-    a01 = _mm256_fmadd_ps(b, u1, a01);
-    if constexpr (R > 1) {
-      b = _mm256_broadcast_ss(v1 + ch);
-      a10 = _mm256_fmadd_ps(b, u0, a10);
-      a11 = _mm256_fmadd_ps(b, u1, a11);
-    }
-    if constexpr (R > 2) {
-      b = _mm256_broadcast_ss(v2 + ch);
-      a20 = _mm256_fmadd_ps(b, u0, a20);
-      a21 = _mm256_fmadd_ps(b, u1, a21);
-    }
-    if constexpr (R > 3) {
-      b = _mm256_broadcast_ss(v3 + ch);
-      a30 = _mm256_fmadd_ps(b, u0, a30);
-      a31 = _mm256_fmadd_ps(b, u1, a31);
-    }
-    if constexpr (R > 4) {
-      b = _mm256_broadcast_ss(v4 + ch);
-      a40 = _mm256_fmadd_ps(b, u0, a40);
-      a41 = _mm256_fmadd_ps(b, u1, a41);
-    }
-    if constexpr (R > 5) {
-      b = _mm256_broadcast_ss(v5 + ch);
-      a50 = _mm256_fmadd_ps(b, u0, a50);
-      a51 = _mm256_fmadd_ps(b, u1, a51);
-    }
-  }
-  _mm256_storeu_ps(m, a00);
-  _mm256_storeu_ps(m + 8, a01);
-  if constexpr (R > 1) {
-    _mm256_storeu_ps(m + ldm, a10);
-    _mm256_storeu_ps(m + ldm + 8, a11);
-  }
-  if constexpr (R > 2) {
-    _mm256_storeu_ps(m + 2 * ldm, a20);
-    _mm256_storeu_ps(m + 2 * ldm + 8, a21);
-  }
-  if constexpr (R > 3) {
-    _mm256_storeu_ps(m + 3 * ldm, a30);
-    _mm256_storeu_ps(m + 3 * ldm + 8, a31);
-  }
-  if constexpr (R > 4) {
-    _mm256_storeu_ps(m + 4 * ldm, a40);
-    _mm256_storeu_ps(m + 4 * ldm + 8, a41);
-  }
-  if constexpr (R > 5) {
-    _mm256_storeu_ps(m + 5 * ldm, a50);
-    _mm256_storeu_ps(m + 5 * ldm + 8, a51);
-  }
-}
-
-RF_AVX2 void gemm_rows(int64_t rows, int64_t c, const float* v, const float* u, float* m, int64_t ldm) {
-  int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows) {
-    micro_kernel<kRows>(c, v + r * c, c, u, m + r * ldm, ldm);
-  }
-  switch (rows - r) {
-    case 5: micro_kernel<5>(c, v + r * c, c, u, m + r * ldm, ldm); break;
-    case 4: micro_kernel<4>(c, v + r * c, c, u, m + r * ldm, ldm); break;
-    case 3: micro_kernel<3>(c, v + r * c, c, u, m + r * ldm, ldm); break;
-    case 2: micro_kernel<2>(c, v + r * c, c, u, m + r * ldm, ldm); break;
-    case 1: micro_kernel<1>(c, v + r * c, c, u, m + r * ldm, ldm); break;
-    default: break;
   }
 }
 
@@ -226,15 +139,6 @@ RF_AVX2 void output_transform(const float* m, const Geometry& g, int64_t t0, int
 
 }  // namespace
 
-bool cpu_supported() {
-#if RF_HAVE_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 at::Tensor transform_weight(const at::Tensor& weight) {
   const int64_t k = weight.size(0), c = weight.size(1);
   // G g G^T in float64, rounded once: G's entries are 0, +-1/2 and 1, so only the sums round.
@@ -263,10 +167,6 @@ at::Tensor transform_weight(const at::Tensor& weight) {
     }
   });
   return u;
-}
-
-int64_t tiles(const at::Tensor& x) {
-  return x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
 }
 
 void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
@@ -302,6 +202,8 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
     float* zero = m + kFreq * block * kc;
     float* rows = zero + g.c;
     std::fill(zero, zero + g.c, 0.f);
+    thread_local std::vector<const float*> row_ptrs;
+    row_ptrs.resize(block);
     int64_t cached_block = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / k_groups, kg = item % k_groups;
@@ -311,10 +213,13 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
         cached_block = blk;
       }
       for (int64_t f = 0; f < kFreq; ++f) {
+        for (int64_t r = 0; r < count; ++r) {
+          row_ptrs[r] = v + (f * count + r) * g.c;
+        }
         for (int64_t p = 0; p < kc / kPanel; ++p) {
           const int64_t panel = kg * (kc / kPanel) + p;
-          gemm_rows(count, g.c, v + f * count * g.c, up + (f * panels + panel) * g.c * kPanel,
-                    m + f * count * kc + p * kPanel, kc);
+          avx2::gemm_rows(count, g.c, row_ptrs.data(), up + (f * panels + panel) * g.c * kPanel,
+                          m + f * count * kc + p * kPanel, kc, avx2::Epilogue{});
         }
       }
       output_transform(m, g, t0, count, kg * kc, kc, bp, rp, relu, rows, yp);

@@ -12,9 +12,11 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   ``cudnn_fused_preferred`` in ``csrc/cuda/ops_cuda.cpp``).
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
-- ``RESNET_FUSED_WINOGRAD`` (CPU): our Winograd F(2x2, 3x3) kernel for 3x3 stride-1 fp32
-  convolutions (``csrc/cpu/winograd_cpu.cpp``). Unset or ``auto``: the first call of each shape
-  times it against the direct convolution and keeps the faster; ``1`` always, ``0`` never.
+- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) for 3x3
+  stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and a GEMM with the epilogue in its store
+  for 1x1 convolutions (``csrc/cpu/conv1x1_cpu.cpp``). Unset or ``auto``: the first call of each
+  shape times them against the direct convolution and keeps the fastest; ``1`` always (where they
+  apply), ``0`` never.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .. import _shapes
 NAME = "extension"
 CUDNN_FUSED_ENV = "RESNET_FUSED_CUDNN_FUSED"
 ONEDNN_FUSED_ENV = "RESNET_FUSED_ONEDNN_FUSED"
-WINOGRAD_ENV = "RESNET_FUSED_WINOGRAD"
+AVX2_CONV_ENV = "RESNET_FUSED_AVX2_CONV"
 OPS = ("conv_bias_act", "bias_act", "add_relu")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

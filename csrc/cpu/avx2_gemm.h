@@ -1,0 +1,139 @@
+#pragma once
+// The register-blocked AVX2/FMA GEMM micro-kernel shared by the CPU convolutions of our own
+// (Winograd's 16 GEMMs, the 1x1 convolution): out[R x 16] = rows[R x C] * panel[C x 16], where the
+// weight is packed in panels of 16 output channels, (K / 16, C, 16), so each step of the C loop
+// loads two vectors of the panel and broadcasts one element of each row. 6 rows x 2 vectors = 12
+// accumulators + 2 panel vectors + 1 broadcast fill 15 of the 16 ymm registers.
+//
+// Functions carry target("avx2,fma") instead of the whole build using -mavx2: the extension must
+// load on any x86-64 CPU, and callers check cpu_has_avx2_fma() before calling in.
+
+#include <cstdint>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RF_AVX2 __attribute__((target("avx2,fma")))
+#define RF_HAVE_X86 1
+#else
+#define RF_AVX2
+#define RF_HAVE_X86 0
+#endif
+
+namespace resnet_fused {
+namespace avx2 {
+
+constexpr int64_t kPanel = 16;  // output channels per packed weight panel
+constexpr int64_t kRows = 6;    // rows per micro-kernel call
+
+inline bool cpu_has_avx2_fma() {
+#if RF_HAVE_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Applied to the accumulators before the one store: + bias[16] (+ residual row) then ReLU.
+// bias == nullptr means a raw store (an intermediate result, as in Winograd).
+struct Epilogue {
+  const float* bias = nullptr;      // this panel's 16 biases
+  const float* residual = nullptr;  // row 0 of this panel's residual; rows `ld_residual` apart
+  int64_t ld_residual = 0;
+  bool relu = false;
+};
+
+#if RF_HAVE_X86
+RF_AVX2 inline __m256 finish(__m256 acc, const Epilogue& e, int r, int half) {
+  acc = _mm256_add_ps(acc, _mm256_loadu_ps(e.bias + 8 * half));
+  if (e.residual != nullptr) {
+    acc = _mm256_add_ps(acc, _mm256_loadu_ps(e.residual + r * e.ld_residual + 8 * half));
+  }
+  if (e.relu) {
+    // Zero where acc < 0; a NaN compares false and stays NaN, like torch.relu.
+    acc = _mm256_andnot_ps(_mm256_cmp_ps(acc, _mm256_setzero_ps(), _CMP_LT_OQ), acc);
+  }
+  return acc;
+}
+
+template <int R>
+RF_AVX2 inline void micro_kernel(int64_t c, const float* const* rows, const float* panel, float* out, int64_t ld_out,
+                                 const Epilogue& e) {
+  static_assert(R >= 1 && R <= kRows, "1 to 6 rows");
+  // Named accumulators, not an array: GCC keeps an array of __m256 in memory and spills every FMA.
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+  __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  const float* v0 = rows[0];
+  const float* v1 = R > 1 ? rows[1] : nullptr;
+  const float* v2 = R > 2 ? rows[2] : nullptr;
+  const float* v3 = R > 3 ? rows[3] : nullptr;
+  const float* v4 = R > 4 ? rows[4] : nullptr;
+  const float* v5 = R > 5 ? rows[5] : nullptr;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const __m256 u0 = _mm256_loadu_ps(panel + ch * kPanel);
+    const __m256 u1 = _mm256_loadu_ps(panel + ch * kPanel + 8);
+    __m256 b = _mm256_broadcast_ss(v0 + ch);
+    a00 = _mm256_fmadd_ps(b, u0, a00);
+    a01 = _mm256_fmadd_ps(b, u1, a01);
+    if constexpr (R > 1) {
+      b = _mm256_broadcast_ss(v1 + ch);
+      a10 = _mm256_fmadd_ps(b, u0, a10);
+      a11 = _mm256_fmadd_ps(b, u1, a11);
+    }
+    if constexpr (R > 2) {
+      b = _mm256_broadcast_ss(v2 + ch);
+      a20 = _mm256_fmadd_ps(b, u0, a20);
+      a21 = _mm256_fmadd_ps(b, u1, a21);
+    }
+    if constexpr (R > 3) {
+      b = _mm256_broadcast_ss(v3 + ch);
+      a30 = _mm256_fmadd_ps(b, u0, a30);
+      a31 = _mm256_fmadd_ps(b, u1, a31);
+    }
+    if constexpr (R > 4) {
+      b = _mm256_broadcast_ss(v4 + ch);
+      a40 = _mm256_fmadd_ps(b, u0, a40);
+      a41 = _mm256_fmadd_ps(b, u1, a41);
+    }
+    if constexpr (R > 5) {
+      b = _mm256_broadcast_ss(v5 + ch);
+      a50 = _mm256_fmadd_ps(b, u0, a50);
+      a51 = _mm256_fmadd_ps(b, u1, a51);
+    }
+  }
+  const __m256 acc[kRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+  for (int r = 0; r < R; ++r) {
+    __m256 lo = acc[r][0], hi = acc[r][1];
+    if (e.bias != nullptr) {
+      lo = finish(lo, e, r, 0);
+      hi = finish(hi, e, r, 1);
+    }
+    _mm256_storeu_ps(out + r * ld_out, lo);
+    _mm256_storeu_ps(out + r * ld_out + 8, hi);
+  }
+}
+
+// All `count` rows against one panel, six at a time.
+RF_AVX2 inline void gemm_rows(int64_t count, int64_t c, const float* const* rows, const float* panel, float* out,
+                              int64_t ld_out, Epilogue e) {
+  int64_t r = 0;
+  for (; r + kRows <= count; r += kRows) {
+    micro_kernel<kRows>(c, rows + r, panel, out + r * ld_out, ld_out, e);
+    if (e.residual != nullptr) {
+      e.residual += kRows * e.ld_residual;
+    }
+  }
+  float* o = out + r * ld_out;
+  switch (count - r) {
+    case 5: micro_kernel<5>(c, rows + r, panel, o, ld_out, e); break;
+    case 4: micro_kernel<4>(c, rows + r, panel, o, ld_out, e); break;
+    case 3: micro_kernel<3>(c, rows + r, panel, o, ld_out, e); break;
+    case 2: micro_kernel<2>(c, rows + r, panel, o, ld_out, e); break;
+    case 1: micro_kernel<1>(c, rows + r, panel, o, ld_out, e); break;
+    default: break;
+  }
+}
+#endif
+
+}  // namespace avx2
+}  // namespace resnet_fused

@@ -1,0 +1,214 @@
+"""The extension's own AVX2 CPU convolutions, Winograd F(2x2, 3x3) (csrc/cpu/winograd_cpu.cpp) and
+the 1x1 GEMM (csrc/cpu/conv1x1_cpu.cpp), and the per-shape choice between them and the direct
+convolution.
+
+RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, groups 1, output channels a
+multiple of 16, AVX2+FMA; 3x3 stride 1 padding 1 for Winograd, 1x1 padding 0 any stride for the
+GEMM), =0 turns them off, unset times all candidates on a shape's first call.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from resnet_fused.backends import extension
+from test_extension import make_4d
+from utils import assert_close, reference_conv_bias_act
+
+AVX2_CONV_ENV = extension.AVX2_CONV_ENV
+
+pytestmark = [
+    pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded"),
+    pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 kernels are x86-64 only"),
+]
+
+# (N, C, K, H, W): odd sizes leave partial 2x2 tiles at the bottom and right edges; C not a
+# multiple of the vector width; 1x1 maps are a single tile of padding; 384x384 makes the packed
+# weight larger than 8 MiB, which selects the large tile block.
+SHAPES = [
+    (2, 16, 16, 8, 8),
+    (2, 5, 32, 7, 9),
+    (1, 1, 16, 1, 1),
+    (3, 32, 48, 3, 2),
+    (1, 64, 64, 13, 14),
+    (1, 128, 256, 6, 5),
+    (1, 384, 384, 5, 3),
+]
+# (bias, residual, relu)
+FLAGS = [(True, False, True), (True, True, True), (False, True, False), (True, False, False)]
+
+
+def own_kernel_ran(call) -> bool:
+    """Whether the call went through our kernels: the only path that calls no convolution op."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    names = {e.name for e in prof.events()}
+    return not any("convolution" in name for name in names)
+
+
+def make_case(shape, flags, layout, seed=0, kernel=3, stride=1):
+    n, c, k, h, w = shape
+    with_bias, with_residual, relu = flags
+    g = torch.Generator().manual_seed(seed)
+    x = make_4d((n, c, h, w), layout, torch.float32, generator=g)
+    weight = torch.randn(k, c, kernel, kernel, generator=g) / (kernel * kernel * c) ** 0.5
+    bias = 0.5 * torch.randn(k, generator=g) if with_bias else None
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    residual = make_4d((n, k, p, q), layout, torch.float32, generator=g) if with_residual else None
+    return x, weight, bias, residual, relu
+
+
+def conv(x, weight, bias, residual, relu, stride=1):
+    padding = weight.shape[-1] // 2
+    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, [stride] * 2, [padding] * 2, 1, residual, relu)
+
+
+def reference(x, weight, bias, residual, relu, stride=1):
+    padding = weight.shape[-1] // 2
+    return reference_conv_bias_act(x, weight, bias, stride=stride, padding=padding, residual=residual, relu=relu)
+
+
+@pytest.fixture
+def forced(monkeypatch, nan_filled_empty_exact_fp32):
+    monkeypatch.setenv(AVX2_CONV_ENV, "1")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
+def test_winograd_matches_float64(shape, flags, layout, forced):
+    x, weight, bias, residual, relu = make_case(shape, flags, layout)
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+    out = conv(x, weight, bias, residual, relu)
+    expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
+    assert out.is_contiguous(memory_format=expected_format)
+    assert_close(out, reference_conv_bias_act(x, weight, bias, padding=1, residual=residual, relu=relu))
+
+
+# (N, C, K, H, W, stride): 1x1 convs of every ResNet kind (expand, reduce, strided shortcut), odd
+# pixel counts (a partial 6-row micro-tile), C of 1 and of an odd size, K=2048 split across threads.
+SHAPES_1X1 = [
+    (2, 16, 32, 5, 7, 1),
+    (1, 1, 16, 3, 3, 1),
+    (1, 37, 64, 4, 5, 1),
+    (2, 24, 48, 9, 7, 2),
+    (1, 64, 2048, 3, 3, 1),
+    (3, 48, 16, 2, 1, 2),
+]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
+@pytest.mark.parametrize("shape", SHAPES_1X1, ids=[f"n{n}c{c}k{k}_{h}x{w}s{s}" for n, c, k, h, w, s in SHAPES_1X1])
+def test_conv1x1_matches_float64(shape, flags, layout, forced):
+    *dims, stride = shape
+    x, weight, bias, residual, relu = make_case(dims, flags, layout, kernel=1, stride=stride)
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride))
+    out = conv(x, weight, bias, residual, relu, stride)
+    expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
+    assert out.is_contiguous(memory_format=expected_format)
+    assert_close(out, reference(x, weight, bias, residual, relu, stride))
+
+
+def test_conv1x1_keeps_nan(forced):
+    x, weight, bias, _, _ = make_case((1, 16, 32, 3, 3), (True, False, True), "channels_last", kernel=1)
+    x[0, 5, 1, 2] = float("nan")
+    out = conv(x, weight, bias, None, True)
+    assert torch.isnan(out[0, :, 1, 2]).all()
+    assert torch.isfinite(out).sum() == out.numel() - 32
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_winograd_any_thread_count(threads, forced):
+    """The work split (tile blocks x output-channel groups) depends on the thread count."""
+    x, weight, bias, residual, relu = make_case((1, 64, 128, 6, 6), (True, True, True), "channels_last")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = conv(x, weight, bias, residual, relu)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, reference_conv_bias_act(x, weight, bias, padding=1, residual=residual, relu=relu))
+
+
+def test_winograd_keeps_nan(forced):
+    x, weight, bias, _, _ = make_case((1, 16, 16, 4, 4), (True, False, True), "channels_last")
+    x[0, 3, 1, 2] = float("nan")
+    out = conv(x, weight, bias, None, True)
+    # The NaN reaches exactly the 3x3 neighbourhood of its pixel, through every output channel.
+    assert torch.isnan(out[0, :, 0:3, 1:4]).all()
+    assert torch.isfinite(out[0, :, 3:, :]).all() and torch.isfinite(out[0, :, :, 0]).all()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["stride2", "padding0", "groups2", "k_not_multiple_of_16", "kernel1x1_padded", "kernel5x5", "float64"],
+)
+def test_winograd_not_applicable_falls_back(case, forced):
+    """Forced on, shapes Winograd cannot compute still go to the direct convolution, correctly."""
+    x, weight, bias, _, _ = make_case((1, 16, 32, 6, 7), (True, False, True), "channels_last")
+    stride, padding, groups = [1, 1], [1, 1], 1
+    if case == "stride2":
+        stride = [2, 2]
+    elif case == "padding0":
+        padding = [0, 0]
+    elif case == "groups2":
+        groups, weight = 2, weight[:, :8].contiguous()
+    elif case == "k_not_multiple_of_16":
+        weight, bias = weight[:24].contiguous(), bias[:24].contiguous()
+    elif case == "kernel1x1_padded":
+        weight = weight[:, :, 1:2, 1:2].contiguous()
+    elif case == "kernel5x5":
+        weight, padding = torch.randn(32, 16, 5, 5) / 20, [2, 2]
+    elif case == "float64":
+        x, weight, bias = x.double(), weight.double(), bias.double()
+
+    def call():
+        return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, stride, padding, groups, None, True)
+
+    assert not own_kernel_ran(call)
+    ref = reference_conv_bias_act(x, weight, bias, stride=stride, padding=padding, groups=groups)
+    assert_close(call(), ref)
+
+
+def test_switch_off_uses_direct(monkeypatch):
+    monkeypatch.setenv(AVX2_CONV_ENV, "0")
+    x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 7), (True, True, True), "channels_last")
+    assert not own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_autotuned_choice_is_correct_and_stable(kernel, monkeypatch, nan_filled_empty_exact_fp32):
+    """Unset, the first call of a shape times every candidate; every call is correct whichever
+    wins, and later calls of the shape keep the first call's choice."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    x, weight, bias, residual, relu = make_case((2, 32, 64, 12, 10), (True, True, True), "channels_last", kernel=kernel)
+    ref = reference(x, weight, bias, residual, relu)
+    assert_close(conv(x, weight, bias, residual, relu), ref)
+    first = own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+    for _ in range(2):
+        assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu)) == first
+    assert_close(conv(x, weight, bias, residual, relu), ref)
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_weight_changed_in_place_is_seen(kernel, forced):
+    """The packed weight is cached per weight; an in-place update must invalidate it."""
+    x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 6), (True, False, True), "channels_last", kernel=kernel)
+    conv(x, weight, bias, residual, relu)
+    weight.mul_(-1.5)
+    assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_new_weight_at_a_freed_weights_address_is_not_confused(kernel, forced):
+    """A weight freed and replaced by another of the same shape (often at the same address) must
+    not be served the old weight's packed copy."""
+    x, weight, bias, _, _ = make_case((1, 16, 32, 6, 6), (True, False, True), "channels_last", kernel=kernel)
+    for seed in range(4):
+        del weight
+        weight = torch.randn(32, 16, kernel, kernel, generator=torch.Generator().manual_seed(seed)) / 12
+        assert_close(conv(x, weight, bias, None, True), reference(x, weight, bias, None, True))
