@@ -44,7 +44,7 @@ BACKENDS = {
 # Automatic choice, fastest first. Each device type ends with the always-available "torch".
 _PREFERENCE = {
     "cuda": ("triton", "extension", "torch"),
-    "cpu": ("onednn", "extension", "torch"),
+    "cpu": ("extension", "onednn", "torch"),
 }
 
 ENV_VAR = "RESNET_FUSED_BACKEND"

@@ -276,9 +276,11 @@ def test_packed_weights_follow_the_weight(shape, monkeypatch):
 
 
 @needs_ext
-def test_bad_switch_value(monkeypatch):
-    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "yes")
-    x, weight, bias, kwargs = make_conv_case("1x1s1", "bias_relu", "nchw", torch.float32)
+@pytest.mark.parametrize("variable, shape", [("ONEDNN_FUSED_ENV", "3x3s2"), ("AVX2_CONV_ENV", "1x1s1")])
+def test_bad_switch_value(variable, shape, monkeypatch):
+    """A switch the call reads must hold 0, 1 or auto (3x3s2 reaches oneDNN, 1x1s1 our 1x1 kernel)."""
+    monkeypatch.setenv(getattr(extension, variable), "yes")
+    x, weight, bias, kwargs = make_conv_case(shape, "bias_relu", "nchw", torch.float32)
     with pytest.raises(RuntimeError, match="must be 0, 1 or auto"):
         call_conv(x, weight, bias, kwargs)
 
