@@ -3,6 +3,7 @@
 // ReLU) in place.
 
 #include "../common.h"
+#include "weight_cache.h"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
@@ -14,6 +15,8 @@
 #include <ATen/ops/convolution.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -133,6 +136,7 @@ void epilogue_cpu(
 struct OneDnn {
   std::optional<c10::OperatorHandle> unary;   // conv + bias + unary post-op ("relu", "none")
   std::optional<c10::OperatorHandle> binary;  // conv + bias + binary post-op ("add") + unary
+  std::optional<c10::OperatorHandle> reorder;  // weight -> oneDNN's layout for one input shape
   bool bf16 = false;
   bool fp16 = false;
 };
@@ -156,6 +160,7 @@ const OneDnn& onednn() {
     auto& dispatcher = c10::Dispatcher::singleton();
     o.unary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
     o.binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
+    o.reorder = dispatcher.findSchema({"aten::mkldnn_reorder_conv2d_weight", ""});
     // oneDNN refuses reduced precision on CPUs without the instructions for it, with an error.
     o.bf16 = call_bool_op("mkldnn::_is_mkldnn_bf16_supported");
     o.fp16 = call_bool_op("mkldnn::_is_mkldnn_fp16_supported");
@@ -190,6 +195,77 @@ bool use_onednn(const at::Tensor& x, bool has_residual) {
   }
 }
 
+// ---- Weights prepacked into oneDNN's blocked layout.
+//
+// Given a plain weight, oneDNN converts it to the layout its kernel wants on every call, which at
+// batch 1 costs about as much as the convolution. The packed copy is made once per weight and
+// input shape (the layout depends on the shape) and kept in a WeightCache.
+
+// Packing per dtype turned off after it failed once: the reorder is a private op whose support
+// varies across builds and CPUs, and the plain weight always works, only slower.
+std::atomic<bool> packing_failed_fp32{false};
+std::atomic<bool> packing_failed_bf16{false};
+
+std::atomic<bool>* packing_failed_flag(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return &packing_failed_fp32;
+    case at::kBFloat16:
+      return &packing_failed_bf16;
+    default:
+      // Half keeps the plain weight: no CPU here has oneDNN fp16 to test its packing on, and the
+      // Python onednn backend does not run fp16 at all.
+      return nullptr;
+  }
+}
+
+WeightCache& onednn_weights() {
+  // Never destroyed: its tensors would be freed during static destruction, after the allocators
+  // they belong to may be gone.
+  static auto* cache = new WeightCache();
+  return *cache;
+}
+
+at::Tensor pack_weight(
+    const at::Tensor& weight,
+    at::IntArrayRef input_size,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    const std::vector<int64_t>& dilation,
+    int64_t groups) {
+  torch::jit::Stack stack{weight.contiguous().to_mkldnn(), padding.vec(), stride.vec(), dilation, groups,
+                          input_size.vec()};
+  onednn().reorder->callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+// The weight to pass to oneDNN: packed where this ATen can pack it, else the plain weight.
+at::Tensor onednn_weight(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    const std::vector<int64_t>& dilation,
+    int64_t groups) {
+  std::atomic<bool>* failed = packing_failed_flag(weight.scalar_type());
+  if (!onednn().reorder.has_value() || failed == nullptr || failed->load(std::memory_order_relaxed)) {
+    return weight;
+  }
+  const int64_t key[] = {x.size(0), x.size(1), x.size(2), x.size(3), stride[0], stride[1], padding[0], padding[1],
+                         groups};
+  try {
+    return onednn_weights().get(weight, key, [&](const at::Tensor& w) {
+      return pack_weight(w, x.sizes(), stride, padding, dilation, groups);
+    });
+  } catch (const c10::Error& e) {
+    failed->store(true, std::memory_order_relaxed);
+    TORCH_WARN(
+        "resnet_fused: could not prepack a ", weight.scalar_type(), " weight for oneDNN (",
+        e.what_without_backtrace(), "); passing plain weights from now on, which is slower");
+    return weight;
+  }
+}
+
 at::Tensor conv_onednn(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -202,14 +278,15 @@ at::Tensor conv_onednn(
   const OneDnn& ops = onednn();
   const std::vector<int64_t> dilation{1, 1};
   const c10::IValue bias_value = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
+  const at::Tensor w = onednn_weight(x, weight, stride, padding, dilation, groups);
   torch::jit::Stack stack;
   if (residual.has_value()) {
-    stack = {x, *residual, weight, bias_value, padding.vec(), stride.vec(), dilation, groups,
+    stack = {x, *residual, w, bias_value, padding.vec(), stride.vec(), dilation, groups,
              std::string("add"), c10::IValue(), relu ? c10::IValue(std::string("relu")) : c10::IValue(),
              c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.binary->callBoxed(&stack);
   } else {
-    stack = {x, weight, bias_value, padding.vec(), stride.vec(), dilation, groups,
+    stack = {x, w, bias_value, padding.vec(), stride.vec(), dilation, groups,
              std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.unary->callBoxed(&stack);
   }
@@ -246,6 +323,10 @@ at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
 }
 
 }  // namespace
+
+int64_t cpu_weight_cache_size() {
+  return static_cast<int64_t>(onednn_weights().size());
+}
 }  // namespace resnet_fused
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {

@@ -12,6 +12,13 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   ``cudnn_fused_preferred`` in ``csrc/cuda/ops_cuda.cpp``).
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
+
+On oneDNN's path the weight is reordered into oneDNN's blocked layout once per (weight, input
+shape) and the packed copy reused (``csrc/cpu/weight_cache.h``), as the ``onednn`` backend does: an
+in-place change of the weight (its version counter), a new weight in a freed one's memory, or
+``p.data = t`` is a miss, and a freed weight's copies are dropped. Weights that are inference
+tensors (made under ``torch.inference_mode()``) have no version counter and are packed on every
+call, which is slower: build fused models outside ``inference_mode`` and run them inside it.
 """
 
 from __future__ import annotations
