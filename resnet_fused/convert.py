@@ -184,8 +184,11 @@ def fuse(
     elif backend is not None and backend not in ops.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(ops.BACKENDS)}")
 
-    fused = _Fuser(backend, memory_format, dtype).walk(copy.deepcopy(model))
-    if dtype is not None:
-        fused = fused.to(dtype)
+    # Outside inference mode even when called inside it: inference tensors have no version
+    # counter, so the kernels could not cache their re-laid-out weights and would redo it per call.
+    with torch.inference_mode(False):
+        fused = _Fuser(backend, memory_format, dtype).walk(copy.deepcopy(model))
+        if dtype is not None:
+            fused = fused.to(dtype)
     fused.requires_grad_(False)
     return fused.eval()

@@ -212,3 +212,13 @@ def test_new_weight_at_a_freed_weights_address_is_not_confused(kernel, forced):
         del weight
         weight = torch.randn(32, 16, kernel, kernel, generator=torch.Generator().manual_seed(seed)) / 12
         assert_close(conv(x, weight, bias, None, True), reference(x, weight, bias, None, True))
+
+
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_weight_data_swap_is_seen(kernel, forced):
+    """``p.data = t`` (what Module.to() does) keeps the tensor object and its version: the cache
+    must notice the new storage."""
+    x, weight, bias, _, _ = make_case((1, 16, 32, 5, 6), (True, False, True), "channels_last", kernel=kernel)
+    conv(x, weight, bias, None, True)
+    weight.data = torch.randn_like(weight)
+    assert_close(conv(x, weight, bias, None, True), reference(x, weight, bias, None, True))

@@ -6,6 +6,7 @@ GPU tests of the same ops are in test_extension_cuda.py.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import shutil
 
@@ -18,7 +19,7 @@ from resnet_fused import ops
 from resnet_fused.accuracy import judge
 from resnet_fused.backends import extension, torch_backend
 from resnet_fused.reference import random_model
-from utils import REL_TOL, assert_close, assert_within_eager_error, reference_conv_bias_act
+from utils import REL_TOL, assert_close, assert_within_eager_error, reference_conv_bias_act, rel_error
 
 if os.environ.get("RESNET_FUSED_NO_EXTENSION") == "1":
     pytest.skip("built without the extension (RESNET_FUSED_NO_EXTENSION=1)", allow_module_level=True)
@@ -113,10 +114,12 @@ def epilogue_reference(x, bias, residual, relu):
     return (out.relu() if relu else out).to(x.dtype)
 
 
-@pytest.fixture(params=["onednn", "epilogue"])
+@pytest.fixture(params=["onednn", "epilogue", "avx2"])
 def cpu_path(request, monkeypatch):
-    """Both CPU conv paths: oneDNN's fused post-ops, and at::convolution + our epilogue."""
-    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "1" if request.param == "onednn" else "0")
+    """Every CPU conv path: oneDNN's fused post-ops, at::convolution + our epilogue, and our AVX2
+    kernels (Winograd, 1x1) wherever they apply (test_avx2_conv.py tests those in depth)."""
+    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "0" if request.param == "epilogue" else "1")
+    monkeypatch.setenv(extension.AVX2_CONV_ENV, "1" if request.param == "avx2" else "0")
     return request.param
 
 
@@ -252,27 +255,194 @@ def test_cpu_path_switch(residual, monkeypatch):
     assert "mkldnn::_convolution_pointwise" not in called and "aten::convolution" in called
 
 
-@needs_ext
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-@pytest.mark.parametrize("shape", ["3x3s2", "1x1s1", "stem7x7s2"])
-def test_packed_weights_follow_the_weight(shape, monkeypatch):
-    """oneDNN's re-laid-out weights are cached per weight and input shape: an in-place update, a
-    new input shape, and a new weight where a freed one lived must each be computed afresh."""
+# ---- oneDNN's path packs each weight once per input shape (csrc/cpu/weight_cache.h) and must never
+# answer with the packed copy of an older or another weight.
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def _cache_size():
+    gc.collect()  # weights in reference cycles would otherwise still count
+    return torch.ops.resnet_fused.cpu_weight_cache_size()
+
+
+def _conv_and_reference(x, weight, bias=None, residual=None, stride=1, padding=1):
+    out = torch.ops.resnet_fused.conv_bias_act(x, weight, bias, [stride] * 2, [padding] * 2, 1, residual, True)
+    return out, reference_conv_bias_act(x, weight, bias, stride=stride, padding=padding, residual=residual)
+
+
+@pytest.fixture
+def onednn_path(monkeypatch):
     monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "1")
-    x, weight, bias, kwargs = make_conv_case(shape, "bias_relu", "channels_last", torch.float32)
+    monkeypatch.setenv(extension.AVX2_CONV_ENV, "0")
 
-    def check(x, weight):
-        assert_close(call_conv(x, weight, bias, kwargs), reference_conv_bias_act(x, weight, bias, **kwargs))
 
-    check(x, weight)
-    weight.mul_(-0.75)
-    check(x, weight)
-    check(torch.cat([x, x.flip(0)]).contiguous(memory_format=torch.channels_last), weight)
-    for seed in range(3):
+@needs_ext
+@needs_onednn
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_prepacked_weight_reused(layout, residual, onednn_path):
+    """The first call packs the weight, later ones reuse the packed copy, and every result is right."""
+    g = torch.Generator().manual_seed(4)
+    x = make_4d((1, 16, 9, 10), layout, torch.float32, generator=g)
+    weight, bias = torch.randn(24, 16, 3, 3, generator=g) / 12, torch.randn(24, generator=g)
+    res = make_4d((1, 24, 9, 10), layout, torch.float32, generator=g) if residual else None
+    size = _cache_size()
+
+    def reorders():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out, ref = _conv_and_reference(x, weight, bias, res)
+        assert out.is_contiguous(memory_format=expected_format(x))
+        assert_close(out, ref)
+        return sum(e.name == "aten::mkldnn_reorder_conv2d_weight" for e in prof.events())
+
+    assert reorders() == 1
+    assert _cache_size() == size + 1
+    assert reorders() == 0
+    assert reorders() == 0
+    assert _cache_size() == size + 1
+
+
+@needs_ext
+@needs_onednn
+def test_prepacked_weight_follows_in_place_changes(onednn_path):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 8, 7, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 8, 3, 3, generator=g), torch.randn(16, generator=g)
+    assert_close(*_conv_and_reference(x, weight, bias))
+    weight.add_(torch.randn(weight.shape, generator=g))  # bumps the version counter
+    assert_close(*_conv_and_reference(x, weight, bias))
+    with torch.no_grad():
+        weight.copy_(-weight)  # what load_state_dict does
+    assert_close(*_conv_and_reference(x, weight, bias))
+    with torch.inference_mode():
+        weight.mul_(0.5)  # normal tensors keep counting versions under inference_mode
+        assert_close(*_conv_and_reference(x, weight, bias))
+    # Through a view: views share the version counter.
+    weight[:4].zero_()
+    assert_close(*_conv_and_reference(x, weight, bias))
+
+
+@needs_ext
+@needs_onednn
+def test_prepacked_weight_follows_data_swap(onednn_path):
+    """``p.data = t`` (what Module.to() does to parameters) keeps the TensorImpl and its version: the
+    new storage must still be noticed."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 8, 7, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    weight = conv.weight
+    with torch.no_grad():
+        assert_close(*_conv_and_reference(x, weight))
+        version = weight._version
+        weight.data = torch.randn(weight.shape, generator=g)  # same sizes and strides
+        assert_close(*_conv_and_reference(x, weight))
+        conv.to(memory_format=torch.channels_last)
+        assert conv.weight is weight and weight._version == version
+        assert_close(*_conv_and_reference(x, weight))
+
+
+@needs_ext
+@needs_onednn
+def test_prepacked_weight_per_input_shape(onednn_path):
+    """One weight, several input shapes: each gets its own packed copy, at most 8 per weight."""
+    g = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(16, 8, 3, 3, generator=g) / 8, torch.randn(16, generator=g)
+    size = _cache_size()
+    shapes = [(1, 8, 7, 7), (2, 8, 7, 7), (1, 8, 12, 9)]
+    for _ in range(2):  # the second round hits
+        for shape in shapes:
+            x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+            assert_close(*_conv_and_reference(x, weight, bias))
+            assert_close(*_conv_and_reference(x, weight, bias, stride=2, padding=0))
+    assert _cache_size() == size + 2 * len(shapes)
+    for h in range(5, 15):
+        assert_close(*_conv_and_reference(torch.randn(1, 8, h, 6, generator=g), weight, bias))
+    assert _cache_size() == size + 8
+
+
+@needs_ext
+@needs_onednn
+def test_prepacked_weight_not_confused_by_reused_memory(onednn_path):
+    """A new weight where a freed one was: same shape, version and, most times, the same address and
+    storage. It must get its own result, not the freed weight's."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 8, 7, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    size = _cache_size()
+    for _ in range(6):
+        weight = torch.randn(16, 8, 3, 3, generator=g)
+        assert_close(*_conv_and_reference(x, weight))
         del weight
-        weight = torch.randn(SHAPES[shape][1], SHAPES[shape][0], SHAPES[shape][2], SHAPES[shape][2],
-                             generator=torch.Generator().manual_seed(seed))
-        check(x, weight)
+    # Deterministically the same storage at version 0 with new values: `.data` writes bypass the
+    # version counter, and a new view is a new TensorImpl.
+    storage = torch.randn(16 * 8 * 9, generator=g)
+    weight = storage.view(16, 8, 3, 3)
+    assert_close(*_conv_and_reference(x, weight))
+    del weight
+    storage.data.copy_(torch.randn(storage.shape, generator=g))
+    weight = storage.view(16, 8, 3, 3)
+    assert weight._version == 0
+    assert_close(*_conv_and_reference(x, weight))
+    del weight, storage
+    # The freed weights' packed copies are gone, not just unreachable.
+    assert _cache_size() <= size
+
+
+@needs_ext
+@needs_onednn
+def test_prepacked_weights_freed_with_their_model(onednn_path):
+    g = torch.Generator().manual_seed(9)
+    size = _cache_size()
+    weights = [torch.randn(16, 8, 3, 3, generator=g) for _ in range(3)]
+    grad_weight = torch.randn(16, 8, 3, 3, generator=g, requires_grad=True)
+    x = torch.randn(1, 8, 7, 7, generator=g)
+    for i in range(3):
+        assert_close(*_conv_and_reference(x, weights[i]))
+    # Packed under grad mode: the packed copy must not hold the weight through an autograd graph.
+    out = torch.ops.resnet_fused.conv_bias_act(x, grad_weight, None, [1, 1], [1, 1], 1, None, True)
+    assert_close(out.detach(), reference_conv_bias_act(x, grad_weight.detach(), None, stride=1, padding=1))
+    assert _cache_size() == size + 4
+    del out, grad_weight
+    assert _cache_size() == size + 3
+    weights.pop()
+    assert _cache_size() == size + 2
+    weights.clear()
+    assert _cache_size() == size
+
+
+@needs_ext
+@needs_onednn
+def test_inference_tensor_weights_not_cached(onednn_path):
+    """Inference tensors have no version counter, so nothing could tell a changed one: packed per call."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(1, 8, 7, 7, generator=g)
+    size = _cache_size()
+    with torch.inference_mode():
+        weight = torch.randn(16, 8, 3, 3, generator=g)
+        assert_close(*_conv_and_reference(x, weight))
+        weight.add_(1.0)
+        assert_close(*_conv_and_reference(x, weight))
+    assert _cache_size() == size
+
+
+@needs_ext
+@needs_onednn
+def test_prepacked_weights_from_threads(onednn_path):
+    """Threads sharing weights and shapes (the op runs without the GIL) all get their own weight's result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(16, 8, 3, 3, generator=g) for _ in range(3)]
+    inputs = [torch.randn(n, 8, 6, 6, generator=g) for n in (1, 2)]
+
+    def run(i):
+        w, x = weights[i % 3], inputs[i % 2]
+        out, ref = _conv_and_reference(x, w)
+        return rel_error(out, ref)
+
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(run, range(48)))
+    assert max(errors) <= REL_TOL[torch.float32], errors
 
 
 @needs_ext

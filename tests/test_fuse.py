@@ -184,3 +184,12 @@ def test_wrong_dtype_input_names_the_problem():
     with pytest.raises(TypeError, match="dtype torch.bfloat16 but x has torch.float32"):
         with torch.inference_mode():
             fused(torch.randn(1, 3, 32, 32))
+
+
+def test_fuse_inside_inference_mode_makes_normal_weights():
+    """Inference tensors have no version counter, so kernels could not cache packed weights."""
+    model = reference.random_model("resnet18", calibration_size=8)
+    with torch.inference_mode():
+        fused = resnet_fused.fuse(model)
+    tensors = list(fused.buffers()) + list(fused.parameters())
+    assert tensors and not any(t.is_inference() for t in tensors)

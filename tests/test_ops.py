@@ -194,3 +194,22 @@ def test_automatic_choice_warns_once_when_falling_back(monkeypatch):
             assert ops.resolve_backend(None, "cpu", torch.float32) == "torch"
     finally:
         ops._resolve.cache_clear()
+
+
+@pytest.mark.skipif("onednn" not in CPU_BACKENDS, reason="oneDNN backend unavailable here")
+def test_onednn_packed_weights_follow_the_weight():
+    """The onednn backend caches reordered weights per weight: an in-place write and a
+    ``p.data = t`` swap (same object, same version) must both be seen."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 16, 7, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(32, 16, 3, 3, generator=g) / 12, torch.randn(32, generator=g)
+
+    def check():
+        out = ops.conv_bias_act(x, weight, bias, stride=2, padding=1, backend="onednn")
+        assert_close(out, reference_conv_bias_act(x, weight, bias, stride=2, padding=1))
+
+    check()
+    weight.mul_(-2.0)
+    check()
+    weight.data = torch.randn(32, 16, 3, 3, generator=g)
+    check()

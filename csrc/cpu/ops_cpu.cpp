@@ -17,11 +17,11 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mkldnn_reorder_conv2d_weight.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <mutex>
@@ -146,6 +146,7 @@ void epilogue_cpu(
 struct OneDnn {
   std::optional<c10::OperatorHandle> unary;   // conv + bias + unary post-op ("relu", "none")
   std::optional<c10::OperatorHandle> binary;  // conv + bias + binary post-op ("add") + unary
+  std::optional<c10::OperatorHandle> reorder;  // weight -> oneDNN's layout for one input shape
   bool bf16 = false;
   bool fp16 = false;
 };
@@ -169,6 +170,7 @@ const OneDnn& onednn() {
     auto& dispatcher = c10::Dispatcher::singleton();
     o.unary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", ""});
     o.binary = dispatcher.findSchema({"mkldnn::_convolution_pointwise", "binary"});
+    o.reorder = dispatcher.findSchema({"aten::mkldnn_reorder_conv2d_weight", ""});
     // oneDNN refuses reduced precision on CPUs without the instructions for it, with an error.
     o.bf16 = call_bool_op("mkldnn::_is_mkldnn_bf16_supported");
     o.fp16 = call_bool_op("mkldnn::_is_mkldnn_fp16_supported");
@@ -203,6 +205,77 @@ bool use_onednn(const at::Tensor& x, bool has_residual) {
   }
 }
 
+// ---- Weights prepacked into oneDNN's blocked layout.
+//
+// Given a plain weight, oneDNN converts it to the layout its kernel wants on every call, which at
+// batch 1 costs about as much as the convolution. The packed copy is made once per weight and
+// input shape (the layout depends on the shape) and kept in a WeightCache.
+
+// Packing per dtype turned off after it failed once: the reorder is a private op whose support
+// varies across builds and CPUs, and the plain weight always works, only slower.
+std::atomic<bool> packing_failed_fp32{false};
+std::atomic<bool> packing_failed_bf16{false};
+
+std::atomic<bool>* packing_failed_flag(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return &packing_failed_fp32;
+    case at::kBFloat16:
+      return &packing_failed_bf16;
+    default:
+      // Half keeps the plain weight: no CPU here has oneDNN fp16 to test its packing on, and the
+      // Python onednn backend does not run fp16 at all.
+      return nullptr;
+  }
+}
+
+WeightCache& onednn_weights() {
+  // Never destroyed: its tensors would be freed during static destruction, after the allocators
+  // they belong to may be gone.
+  static auto* cache = new WeightCache();
+  return *cache;
+}
+
+at::Tensor pack_weight(
+    const at::Tensor& weight,
+    at::IntArrayRef input_size,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    const std::vector<int64_t>& dilation,
+    int64_t groups) {
+  torch::jit::Stack stack{weight.contiguous().to_mkldnn(), padding.vec(), stride.vec(), dilation, groups,
+                          input_size.vec()};
+  onednn().reorder->callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+// The weight to pass to oneDNN: packed where this ATen can pack it, else the plain weight.
+at::Tensor onednn_weight(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    const std::vector<int64_t>& dilation,
+    int64_t groups) {
+  std::atomic<bool>* failed = packing_failed_flag(weight.scalar_type());
+  if (!onednn().reorder.has_value() || failed == nullptr || failed->load(std::memory_order_relaxed)) {
+    return weight;
+  }
+  const int64_t key[] = {x.size(0), x.size(1), x.size(2), x.size(3), stride[0], stride[1], padding[0], padding[1],
+                         groups};
+  try {
+    return onednn_weights().get(weight, key, [&](const at::Tensor& w) {
+      return pack_weight(w, x.sizes(), stride, padding, dilation, groups);
+    });
+  } catch (const c10::Error& e) {
+    failed->store(true, std::memory_order_relaxed);
+    TORCH_WARN(
+        "resnet_fused: could not prepack a ", weight.scalar_type(), " weight for oneDNN (",
+        e.what_without_backtrace(), "); passing plain weights from now on, which is slower");
+    return weight;
+  }
+}
+
 at::Tensor conv_onednn(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -215,21 +288,15 @@ at::Tensor conv_onednn(
   const OneDnn& ops = onednn();
   const std::vector<int64_t> dilation{1, 1};
   const c10::IValue bias_value = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
-  // oneDNN's weight layout depends on the input shape, so that is part of the key.
-  static WeightCache cache;
-  const at::Tensor packed = cache.get(
-      weight, {x.size(0), x.size(1), x.size(2), x.size(3), stride[0], stride[1], padding[0], padding[1], groups},
-      [&](const at::Tensor& w) {
-        return at::mkldnn_reorder_conv2d_weight(w.contiguous().to_mkldnn(), padding, stride, dilation, groups, x.sizes());
-      });
+  const at::Tensor w = onednn_weight(x, weight, stride, padding, dilation, groups);
   torch::jit::Stack stack;
   if (residual.has_value()) {
-    stack = {x, *residual, packed, bias_value, padding.vec(), stride.vec(), dilation, groups,
+    stack = {x, *residual, w, bias_value, padding.vec(), stride.vec(), dilation, groups,
              std::string("add"), c10::IValue(), relu ? c10::IValue(std::string("relu")) : c10::IValue(),
              c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.binary->callBoxed(&stack);
   } else {
-    stack = {x, packed, bias_value, padding.vec(), stride.vec(), dilation, groups,
+    stack = {x, w, bias_value, padding.vec(), stride.vec(), dilation, groups,
              std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.unary->callBoxed(&stack);
   }
@@ -306,12 +373,16 @@ double best_of_ms(const std::function<void()>& run) {
 }
 
 // Weight re-laid out once per weight for our kernels (weight_cache.h).
+WeightCache& own_kernel_weights() {
+  static auto* cache = new WeightCache();  // never destroyed, like onednn_weights()
+  return *cache;
+}
+
 at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
-  static WeightCache cache;
   if (kernel == Kernel::kWinograd) {
-    return cache.get(weight, {3}, winograd::transform_weight);
+    return own_kernel_weights().get(weight, {3}, winograd::transform_weight);
   }
-  return cache.get(weight, {1}, conv1x1::pack_weight);
+  return own_kernel_weights().get(weight, {1}, conv1x1::pack_weight);
 }
 
 at::Tensor conv_own(
@@ -436,6 +507,10 @@ at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
 }
 
 }  // namespace
+
+int64_t cpu_weight_cache_size() {
+  return static_cast<int64_t>(onednn_weights().size() + own_kernel_weights().size());
+}
 }  // namespace resnet_fused
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {

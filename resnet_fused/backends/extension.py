@@ -17,6 +17,14 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   for 1x1 convolutions (``csrc/cpu/conv1x1_cpu.cpp``). Unset or ``auto``: the first call of each
   shape times them against the direct convolution and keeps the fastest; ``1`` always (where they
   apply), ``0`` never.
+
+On oneDNN's path the weight is reordered into oneDNN's blocked layout once per (weight, input
+shape) and the packed copy reused (``csrc/cpu/weight_cache.h``), as the ``onednn`` backend does: an
+in-place change of the weight (its version counter), a new weight in a freed one's memory, or
+``p.data = t`` is a miss, and a freed weight's copies are dropped. Weights that are inference
+tensors (made under ``torch.inference_mode()``) have no version counter and are packed on every
+call, which is slower (``fuse()`` makes its weights outside inference mode for this reason). Our
+own kernels' packed weights are cached the same way.
 """
 
 from __future__ import annotations

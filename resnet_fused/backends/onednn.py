@@ -60,12 +60,15 @@ class _PackedWeights:
 
     def get(self, weight: torch.Tensor, x_shape, stride, padding, groups) -> torch.Tensor:
         key = id(weight)
+        # The version counter sees in-place writes; the storage address and strides see
+        # ``p.data = t`` (what Module.to() does), which keeps the tensor object and its version.
+        state = (weight._version, weight.data_ptr(), weight.stride(), weight.dtype)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None or entry[0] != weight._version:
+            if entry is None or entry[0] != state:
                 if entry is None:
                     weakref.finalize(weight, self._entries.pop, key, None)
-                entry = (weight._version, OrderedDict())
+                entry = (state, OrderedDict())
                 self._entries[key] = entry
             shapes = entry[1]
             packed = shapes.get((x_shape, stride, padding))
