@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Timing", "time_fn", "make_inputs", "Variant", "model_variants", "environment"]
+__all__ = ["Timing", "time_fn", "time_interleaved", "make_inputs", "Variant", "model_variants", "environment"]
 
 
 @dataclass
@@ -77,6 +77,22 @@ def time_fn(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]
             timing.times_ms.append((time.perf_counter() - t0) * 1000.0)
         i += 1
     return timing
+
+
+def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], inputs: dict[str, Sequence[torch.Tensor]], *,
+                     rounds: int = 8, per_round: int = 3, warmup: int = 2) -> dict[str, Timing]:
+    """Time several variants round-robin: each round times every variant ``per_round`` times.
+
+    On a shared or throttling machine the speed drifts over minutes; timing one variant after
+    another turns that drift into a false ratio, interleaving spreads it over all of them.
+    """
+    timings = {name: Timing() for name in fns}
+    for name, fn in fns.items():
+        time_fn(fn, inputs[name], warmup=warmup, repeat=0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            timings[name].times_ms += time_fn(fn, inputs[name], warmup=0, repeat=per_round).times_ms
+    return timings
 
 
 @dataclass

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -125,3 +126,29 @@ def test_render_names_cpu_directories_and_refuses_mixed_machines(render, tmp_pat
 @pytest.mark.parametrize("script", ["gpu_check.sh", "run_cpu.sh"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(BENCHMARKS / script)]).returncode == 0
+
+
+def test_time_interleaved_times_every_variant_each_round():
+    from resnet_fused.bench import time_interleaved
+
+    calls = []
+    fns = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}
+    inputs = {"a": [torch.zeros(1)], "b": [torch.zeros(1)]}
+    timings = time_interleaved(fns, inputs, rounds=3, per_round=2, warmup=1)
+    assert {name: len(t.times_ms) for name, t in timings.items()} == {"a": 6, "b": 6}
+    # warm-up of each, then rounds alternating a, a, b, b
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_interleaved_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1", "--size", "32",
+         "--rounds", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "interleaved.json").read_text())["rows"]
+    variants = {r["variant"] for r in rows}
+    assert variants == {"eager", "torch.compile", "fused onednn", "fused extension", "fused extension, own kernels off"}
+    assert all(r["median_ms"] > 0 and r["rel_error"] < 1e-4 for r in rows)
+    assert (tmp_path / "interleaved.md").read_text().count("| resnet18 | 1 |") == len(rows)

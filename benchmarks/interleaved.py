@@ -1,0 +1,106 @@
+"""Whole-model latency with the variants timed round-robin in one process (see
+``resnet_fused.bench.time_interleaved``): the comparison to trust on a machine whose speed drifts.
+
+    python benchmarks/interleaved.py --models resnet18,resnet50 --batch 1,8 --out DIR
+
+Variants: eager NCHW (the baseline), torch.compile (inductor, freezing), and the fused model on
+each CPU backend; the extension also with its own AVX2 kernels switched off
+(``RESNET_FUSED_AVX2_CONV=0``), which isolates what they add. Every variant's output is checked
+against the model in float64 first. Writes DIR/interleaved.json and DIR/interleaved.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from resnet_fused import bench
+from resnet_fused.accuracy import judge, rel_error
+from resnet_fused.reference import random_model
+
+AVX2_OFF = "fused extension, own kernels off"
+
+
+def _with_env(name: str, value: str, fn):
+    def call(x):
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(x)
+        finally:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+    return call
+
+
+def measure(arch: str, batch: int, rounds: int, size: int = 224) -> list[dict]:
+    model = random_model(arch, seed=0, calibration_size=16)
+    inputs = bench.make_inputs(batch, size, dtype=torch.float32, device="cpu")
+    example = inputs[0].contiguous(memory_format=torch.channels_last)
+    variants = bench.model_variants(model, dtype=torch.float32, device="cpu", backends=("onednn", "extension"),
+                                    example=example, channels_last_eager=False, compile=True)
+    fns, feeds, formats = {}, {}, {}
+    for variant in variants:
+        fns[variant.name] = variant.build()
+        feeds[variant.name] = [x.contiguous(memory_format=variant.memory_format) for x in inputs]
+    fns[AVX2_OFF] = _with_env("RESNET_FUSED_AVX2_CONV", "0", fns["fused extension"])
+    feeds[AVX2_OFF] = feeds["fused extension"]
+    with torch.inference_mode():
+        reference = copy.deepcopy(model).double()(inputs[0].double())
+        eager_out = fns["eager"](inputs[0])
+        errors = {}
+        for name, fn in fns.items():
+            out = fn(feeds[name][0])
+            verdict = judge(out, eager_out, reference)
+            if not verdict.ok:
+                raise SystemExit(f"{arch} b{batch} {name}: output differs from float64: {verdict}")
+            errors[name] = rel_error(out, reference)
+    timings = bench.time_interleaved(fns, feeds, rounds=rounds, per_round=3 if batch == 1 else 1)
+    medians = {name: t.median_ms for name, t in timings.items()}
+    return [
+        {"model": arch, "batch": batch, "variant": name, "median_ms": ms, "runs": len(timings[name].times_ms),
+         "vs_eager": medians["eager"] / ms, "vs_compile": medians["torch.compile"] / ms, "rel_error": errors[name]}
+        for name, ms in medians.items()
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet18,resnet50")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rows = []
+    for arch in args.models.split(","):
+        for batch in (int(b) for b in args.batch.split(",")):
+            rows += measure(arch, batch, args.rounds, args.size)
+            print(f"{arch} b{batch} done", file=sys.stderr, flush=True)
+    env = bench.environment("cpu")
+    lines = [
+        f"Interleaved timing (`benchmarks/interleaved.py`), {bench._cpu_name()} ({env['cpu_capability']}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32 {args.size}x{args.size}, median ms of round-robin runs.",
+        "",
+        "| model | batch | variant | median ms | runs | vs eager | vs compile | rel err vs fp64 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | {r['runs']} | {r['vs_eager']:.2f}x | "
+              f"{r['vs_compile']:.2f}x | {r['rel_error']:.1e} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "interleaved.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (args.out / "interleaved.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
