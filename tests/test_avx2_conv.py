@@ -1,10 +1,11 @@
 """The extension's own AVX2 CPU convolutions, Winograd F(2x2, 3x3) (csrc/cpu/winograd_cpu.cpp) and
-the 1x1 GEMM (csrc/cpu/conv1x1_cpu.cpp), and the per-shape choice between them and the direct
-convolution.
+the implicit GEMM (csrc/cpu/implicit_gemm_cpu.cpp), and the per-shape choice between them and the
+direct (oneDNN) convolution.
 
 RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, groups 1, output channels a
-multiple of 16, AVX2+FMA; 3x3 stride 1 padding 1 for Winograd, 1x1 padding 0 any stride for the
-GEMM), =0 turns them off, unset times all candidates on a shape's first call.
+multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
+kernel size, stride and padding), =0 turns them off, unset times all candidates on a shape's first
+call.
 """
 
 from __future__ import annotations
@@ -49,25 +50,26 @@ def own_kernel_ran(call) -> bool:
     return not any("convolution" in name for name in names)
 
 
-def make_case(shape, flags, layout, seed=0, kernel=3, stride=1):
+def make_case(shape, flags, layout, seed=0, kernel=3, stride=1, padding=None):
     n, c, k, h, w = shape
     with_bias, with_residual, relu = flags
+    padding = kernel // 2 if padding is None else padding
     g = torch.Generator().manual_seed(seed)
     x = make_4d((n, c, h, w), layout, torch.float32, generator=g)
     weight = torch.randn(k, c, kernel, kernel, generator=g) / (kernel * kernel * c) ** 0.5
     bias = 0.5 * torch.randn(k, generator=g) if with_bias else None
-    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    p, q = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
     residual = make_4d((n, k, p, q), layout, torch.float32, generator=g) if with_residual else None
     return x, weight, bias, residual, relu
 
 
-def conv(x, weight, bias, residual, relu, stride=1):
-    padding = weight.shape[-1] // 2
+def conv(x, weight, bias, residual, relu, stride=1, padding=None):
+    padding = weight.shape[-1] // 2 if padding is None else padding
     return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, [stride] * 2, [padding] * 2, 1, residual, relu)
 
 
-def reference(x, weight, bias, residual, relu, stride=1):
-    padding = weight.shape[-1] // 2
+def reference(x, weight, bias, residual, relu, stride=1, padding=None):
+    padding = weight.shape[-1] // 2 if padding is None else padding
     return reference_conv_bias_act(x, weight, bias, stride=stride, padding=padding, residual=residual, relu=relu)
 
 
@@ -88,32 +90,39 @@ def test_winograd_matches_float64(shape, flags, layout, forced):
     assert_close(out, reference_conv_bias_act(x, weight, bias, padding=1, residual=residual, relu=relu))
 
 
-# (N, C, K, H, W, stride): 1x1 convs of every ResNet kind (expand, reduce, strided shortcut), odd
-# pixel counts (a partial 6-row micro-tile), C of 1 and of an odd size, K=2048 split across threads.
-SHAPES_1X1 = [
-    (2, 16, 32, 5, 7, 1),
-    (1, 1, 16, 3, 3, 1),
-    (1, 37, 64, 4, 5, 1),
-    (2, 24, 48, 9, 7, 2),
-    (1, 64, 2048, 3, 3, 1),
-    (3, 48, 16, 2, 1, 2),
+# (N, C, K, H, W, kernel, stride, padding): the 1x1 convs of every ResNet kind (expand, reduce,
+# strided shortcut), ResNet's 3x3 stride-2 and 7x7 stride-2 stem, and unusual ones (1x1 padded,
+# 5x5, 3x3 unpadded); odd pixel counts (a partial 6-row micro-tile), C of 1 and odd, K=2048 split
+# across threads.
+SHAPES_IGEMM = [
+    (2, 16, 32, 5, 7, 1, 1, 0),
+    (1, 1, 16, 3, 3, 1, 1, 0),
+    (1, 37, 64, 4, 5, 1, 1, 0),
+    (2, 24, 48, 9, 7, 1, 2, 0),
+    (1, 64, 2048, 3, 3, 1, 1, 0),
+    (3, 48, 16, 2, 1, 1, 2, 0),
+    (2, 16, 32, 9, 8, 3, 2, 1),
+    (1, 3, 16, 17, 15, 7, 2, 3),
+    (1, 8, 16, 5, 6, 1, 1, 1),
+    (2, 5, 32, 8, 9, 5, 1, 2),
+    (1, 16, 16, 6, 5, 3, 1, 0),
 ]
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
-@pytest.mark.parametrize("shape", SHAPES_1X1, ids=[f"n{n}c{c}k{k}_{h}x{w}s{s}" for n, c, k, h, w, s in SHAPES_1X1])
-def test_conv1x1_matches_float64(shape, flags, layout, forced):
-    *dims, stride = shape
-    x, weight, bias, residual, relu = make_case(dims, flags, layout, kernel=1, stride=stride)
-    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride))
-    out = conv(x, weight, bias, residual, relu, stride)
+@pytest.mark.parametrize("shape", SHAPES_IGEMM, ids=[f"n{n}c{c}k{k}_{h}x{w}_{r}x{r}s{s}p{p}" for n, c, k, h, w, r, s, p in SHAPES_IGEMM])
+def test_implicit_gemm_matches_float64(shape, flags, layout, forced):
+    *dims, kernel, stride, padding = shape
+    x, weight, bias, residual, relu = make_case(dims, flags, layout, kernel=kernel, stride=stride, padding=padding)
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding))
+    out = conv(x, weight, bias, residual, relu, stride, padding)
     expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
     assert out.is_contiguous(memory_format=expected_format)
-    assert_close(out, reference(x, weight, bias, residual, relu, stride))
+    assert_close(out, reference(x, weight, bias, residual, relu, stride, padding))
 
 
-def test_conv1x1_keeps_nan(forced):
+def test_implicit_gemm_keeps_nan(forced):
     x, weight, bias, _, _ = make_case((1, 16, 32, 3, 3), (True, False, True), "channels_last", kernel=1)
     x[0, 5, 1, 2] = float("nan")
     out = conv(x, weight, bias, None, True)
@@ -145,24 +154,16 @@ def test_winograd_keeps_nan(forced):
 
 @pytest.mark.parametrize(
     "case",
-    ["stride2", "padding0", "groups2", "k_not_multiple_of_16", "kernel1x1_padded", "kernel5x5", "float64"],
+    ["groups2", "k_not_multiple_of_16", "float64"],
 )
-def test_winograd_not_applicable_falls_back(case, forced):
-    """Forced on, shapes Winograd cannot compute still go to the direct convolution, correctly."""
+def test_not_applicable_falls_back(case, forced):
+    """Forced on, calls our kernels cannot compute still go to the direct convolution, correctly."""
     x, weight, bias, _, _ = make_case((1, 16, 32, 6, 7), (True, False, True), "channels_last")
     stride, padding, groups = [1, 1], [1, 1], 1
-    if case == "stride2":
-        stride = [2, 2]
-    elif case == "padding0":
-        padding = [0, 0]
-    elif case == "groups2":
+    if case == "groups2":
         groups, weight = 2, weight[:, :8].contiguous()
     elif case == "k_not_multiple_of_16":
         weight, bias = weight[:24].contiguous(), bias[:24].contiguous()
-    elif case == "kernel1x1_padded":
-        weight = weight[:, :, 1:2, 1:2].contiguous()
-    elif case == "kernel5x5":
-        weight, padding = torch.randn(32, 16, 5, 5) / 20, [2, 2]
     elif case == "float64":
         x, weight, bias = x.double(), weight.double(), bias.double()
 

@@ -1,8 +1,10 @@
 #pragma once
 // The register-blocked AVX2/FMA GEMM micro-kernel shared by the CPU convolutions of our own
-// (Winograd's 16 GEMMs, the 1x1 convolution): out[R x 16] = rows[R x C] * panel[C x 16], where the
-// weight is packed in panels of 16 output channels, (K / 16, C, 16), so each step of the C loop
-// loads two vectors of the panel and broadcasts one element of each row. 6 rows x 2 vectors = 12
+// (Winograd's 16 GEMMs, the direct convolution): out[R x 16] = sum over taps t of
+// rows_t[R x C] * panel_t[C x 16], where the weight is packed in panels of 16 output channels,
+// (K / 16, taps, C, 16), so each step of the C loop loads two vectors of the panel and broadcasts one
+// element of each row. A tap is one (r, s) position of the filter (a 1x1 conv or a GEMM has one);
+// summing taps in registers is what makes a KxK convolution one kernel without an im2col buffer. 6 rows x 2 vectors = 12
 // accumulators + 2 panel vectors + 1 broadcast fill 15 of the 16 ymm registers.
 //
 // Functions carry target("avx2,fma") instead of the whole build using -mavx2: the extension must
@@ -57,48 +59,52 @@ RF_AVX2 inline __m256 finish(__m256 acc, const Epilogue& e, int r, int half) {
 }
 
 template <int R>
-RF_AVX2 inline void micro_kernel(int64_t c, const float* const* rows, const float* panel, float* out, int64_t ld_out,
-                                 const Epilogue& e) {
+RF_AVX2 inline void micro_kernel(int64_t c, int64_t taps, const float* const* rows, const float* panel, float* out,
+                                 int64_t ld_out, const Epilogue& e) {
   static_assert(R >= 1 && R <= kRows, "1 to 6 rows");
   // Named accumulators, not an array: GCC keeps an array of __m256 in memory and spills every FMA.
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
   __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-  const float* v0 = rows[0];
-  const float* v1 = R > 1 ? rows[1] : nullptr;
-  const float* v2 = R > 2 ? rows[2] : nullptr;
-  const float* v3 = R > 3 ? rows[3] : nullptr;
-  const float* v4 = R > 4 ? rows[4] : nullptr;
-  const float* v5 = R > 5 ? rows[5] : nullptr;
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const __m256 u0 = _mm256_loadu_ps(panel + ch * kPanel);
-    const __m256 u1 = _mm256_loadu_ps(panel + ch * kPanel + 8);
-    __m256 b = _mm256_broadcast_ss(v0 + ch);
-    a00 = _mm256_fmadd_ps(b, u0, a00);
-    a01 = _mm256_fmadd_ps(b, u1, a01);
-    if constexpr (R > 1) {
-      b = _mm256_broadcast_ss(v1 + ch);
-      a10 = _mm256_fmadd_ps(b, u0, a10);
-      a11 = _mm256_fmadd_ps(b, u1, a11);
-    }
-    if constexpr (R > 2) {
-      b = _mm256_broadcast_ss(v2 + ch);
-      a20 = _mm256_fmadd_ps(b, u0, a20);
-      a21 = _mm256_fmadd_ps(b, u1, a21);
-    }
-    if constexpr (R > 3) {
-      b = _mm256_broadcast_ss(v3 + ch);
-      a30 = _mm256_fmadd_ps(b, u0, a30);
-      a31 = _mm256_fmadd_ps(b, u1, a31);
-    }
-    if constexpr (R > 4) {
-      b = _mm256_broadcast_ss(v4 + ch);
-      a40 = _mm256_fmadd_ps(b, u0, a40);
-      a41 = _mm256_fmadd_ps(b, u1, a41);
-    }
-    if constexpr (R > 5) {
-      b = _mm256_broadcast_ss(v5 + ch);
-      a50 = _mm256_fmadd_ps(b, u0, a50);
-      a51 = _mm256_fmadd_ps(b, u1, a51);
+  for (int64_t t = 0; t < taps; ++t) {
+    // rows holds each output row's `taps` input rows one after another.
+    const float* v0 = rows[t];
+    const float* v1 = R > 1 ? rows[taps + t] : nullptr;
+    const float* v2 = R > 2 ? rows[2 * taps + t] : nullptr;
+    const float* v3 = R > 3 ? rows[3 * taps + t] : nullptr;
+    const float* v4 = R > 4 ? rows[4 * taps + t] : nullptr;
+    const float* v5 = R > 5 ? rows[5 * taps + t] : nullptr;
+    const float* u = panel + t * c * kPanel;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const __m256 u0 = _mm256_loadu_ps(u + ch * kPanel);
+      const __m256 u1 = _mm256_loadu_ps(u + ch * kPanel + 8);
+      __m256 b = _mm256_broadcast_ss(v0 + ch);
+      a00 = _mm256_fmadd_ps(b, u0, a00);
+      a01 = _mm256_fmadd_ps(b, u1, a01);
+      if constexpr (R > 1) {
+        b = _mm256_broadcast_ss(v1 + ch);
+        a10 = _mm256_fmadd_ps(b, u0, a10);
+        a11 = _mm256_fmadd_ps(b, u1, a11);
+      }
+      if constexpr (R > 2) {
+        b = _mm256_broadcast_ss(v2 + ch);
+        a20 = _mm256_fmadd_ps(b, u0, a20);
+        a21 = _mm256_fmadd_ps(b, u1, a21);
+      }
+      if constexpr (R > 3) {
+        b = _mm256_broadcast_ss(v3 + ch);
+        a30 = _mm256_fmadd_ps(b, u0, a30);
+        a31 = _mm256_fmadd_ps(b, u1, a31);
+      }
+      if constexpr (R > 4) {
+        b = _mm256_broadcast_ss(v4 + ch);
+        a40 = _mm256_fmadd_ps(b, u0, a40);
+        a41 = _mm256_fmadd_ps(b, u1, a41);
+      }
+      if constexpr (R > 5) {
+        b = _mm256_broadcast_ss(v5 + ch);
+        a50 = _mm256_fmadd_ps(b, u0, a50);
+        a51 = _mm256_fmadd_ps(b, u1, a51);
+      }
     }
   }
   const __m256 acc[kRows][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
@@ -113,23 +119,24 @@ RF_AVX2 inline void micro_kernel(int64_t c, const float* const* rows, const floa
   }
 }
 
-// All `count` rows against one panel, six at a time.
-RF_AVX2 inline void gemm_rows(int64_t count, int64_t c, const float* const* rows, const float* panel, float* out,
-                              int64_t ld_out, Epilogue e) {
+// All `count` output rows against one panel, six at a time; rows holds `taps` pointers per row.
+RF_AVX2 inline void gemm_rows(int64_t count, int64_t c, int64_t taps, const float* const* rows, const float* panel,
+                              float* out, int64_t ld_out, Epilogue e) {
   int64_t r = 0;
   for (; r + kRows <= count; r += kRows) {
-    micro_kernel<kRows>(c, rows + r, panel, out + r * ld_out, ld_out, e);
+    micro_kernel<kRows>(c, taps, rows + r * taps, panel, out + r * ld_out, ld_out, e);
     if (e.residual != nullptr) {
       e.residual += kRows * e.ld_residual;
     }
   }
+  const float* const* rest = rows + r * taps;
   float* o = out + r * ld_out;
   switch (count - r) {
-    case 5: micro_kernel<5>(c, rows + r, panel, o, ld_out, e); break;
-    case 4: micro_kernel<4>(c, rows + r, panel, o, ld_out, e); break;
-    case 3: micro_kernel<3>(c, rows + r, panel, o, ld_out, e); break;
-    case 2: micro_kernel<2>(c, rows + r, panel, o, ld_out, e); break;
-    case 1: micro_kernel<1>(c, rows + r, panel, o, ld_out, e); break;
+    case 5: micro_kernel<5>(c, taps, rest, panel, o, ld_out, e); break;
+    case 4: micro_kernel<4>(c, taps, rest, panel, o, ld_out, e); break;
+    case 3: micro_kernel<3>(c, taps, rest, panel, o, ld_out, e); break;
+    case 2: micro_kernel<2>(c, taps, rest, panel, o, ld_out, e); break;
+    case 1: micro_kernel<1>(c, taps, rest, panel, o, ld_out, e); break;
     default: break;
   }
 }

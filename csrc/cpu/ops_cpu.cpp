@@ -4,7 +4,7 @@
 
 #include "../common.h"
 #include "avx2_gemm.h"
-#include "conv1x1.h"
+#include "implicit_gemm.h"
 #include "weight_cache.h"
 #include "winograd.h"
 
@@ -304,19 +304,19 @@ at::Tensor conv_onednn(
 }
 
 // ---- Our own AVX2 convolutions and the per-shape choice between them and the direct (oneDNN or
-// ATen) convolution: Winograd F(2x2, 3x3) for 3x3 stride-1 convs (winograd_cpu.cpp), one fused
-// GEMM for 1x1 convs (conv1x1_cpu.cpp).
+// ATen) convolution: Winograd F(2x2, 3x3) for 3x3 stride-1 convs (winograd_cpu.cpp), an implicit
+// GEMM with the epilogue in its store for every other kernel size and stride (implicit_gemm_cpu.cpp).
 //
 // Which is faster depends on the shape and the machine: Winograd does 2.25x fewer multiply-adds but
 // reads a 16/9x larger weight and transforms every tile, so it loses where the weight dominates
-// (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the GEMMs dominate; the 1x1
-// kernel saves oneDNN's separate residual pass but has no cache blocking over C. Like cuDNN's
+// (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the GEMMs dominate; the implicit
+// GEMM saves oneDNN's separate residual pass but has no cache blocking over C. Like cuDNN's
 // benchmark mode, the first call of each shape times the candidates on the real input and keeps
 // the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply.
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 
-enum class Kernel { kDirect, kWinograd, kConv1x1 };
+enum class Kernel { kDirect, kWinograd, kImplicitGemm };
 
 // Which of our kernels could compute this call, if any.
 Kernel own_kernel(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -329,13 +329,10 @@ Kernel own_kernel(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef
   if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1) {
     return Kernel::kWinograd;
   }
-  if (r == 1 && s == 1 && padding[0] == 0 && padding[1] == 0) {
-    return Kernel::kConv1x1;
-  }
-  return Kernel::kDirect;
+  return Kernel::kImplicitGemm;
 }
 
-// Tiles (Winograd) or pixels (1x1) per work item. Small blocks keep a block's data in L2; large
+// Tiles (Winograd) or output pixels (implicit GEMM) per work item. Small blocks keep a block's data in L2; large
 // ones read the packed weight fewer times, which pays once it no longer fits in cache.
 constexpr int64_t kBlockCandidates[] = {12, 48, 192};
 
@@ -382,15 +379,17 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
   if (kernel == Kernel::kWinograd) {
     return own_kernel_weights().get(weight, {3}, winograd::transform_weight);
   }
-  return own_kernel_weights().get(weight, {1}, conv1x1::pack_weight);
+  return own_kernel_weights().get(weight, {1}, implicit_gemm::pack_weight);
 }
 
 at::Tensor conv_own(
     Kernel kernel,
     const at::Tensor& x,
+    const at::Tensor& weight,
     const at::Tensor& packed,
     const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
+    at::IntArrayRef padding,
     const std::optional<at::Tensor>& residual,
     bool relu,
     int64_t block,
@@ -405,7 +404,7 @@ at::Tensor conv_own(
   if (kernel == Kernel::kWinograd) {
     winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block);
   } else {
-    conv1x1::conv(x.contiguous(cl), packed, b, r, relu, stride, out, block);
+    implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out, block);
   }
   return out;
 }
@@ -464,7 +463,7 @@ int64_t choose_block(
   double best = best_of_ms([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
   for (int64_t block : kBlockCandidates) {
     const double ms = best_of_ms(
-        [&] { conv_own(kernel, x, packed, bias, stride, residual, relu, block, out_sizes).contiguous(format); });
+        [&] { conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format); });
     if (ms < best) {
       best = ms;
       best_block = block;
@@ -492,7 +491,7 @@ at::Tensor conv_bias_act_cpu(
     const int64_t block =
         choose_block(kernel, x, weight, packed, bias, stride, padding, residual, relu, format, out_sizes);
     if (block > 0) {
-      return conv_own(kernel, x, packed, bias, stride, residual, relu, block, out_sizes).contiguous(format);
+      return conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format);
     }
   }
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);

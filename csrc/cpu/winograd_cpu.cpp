@@ -218,7 +218,7 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
         }
         for (int64_t p = 0; p < kc / kPanel; ++p) {
           const int64_t panel = kg * (kc / kPanel) + p;
-          avx2::gemm_rows(count, g.c, row_ptrs.data(), up + (f * panels + panel) * g.c * kPanel,
+          avx2::gemm_rows(count, g.c, 1, row_ptrs.data(), up + (f * panels + panel) * g.c * kPanel,
                           m + f * count * kc + p * kPanel, kc, avx2::Epilogue{});
         }
       }

@@ -13,8 +13,8 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
 - ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) for 3x3
-  stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and a GEMM with the epilogue in its store
-  for 1x1 convolutions (``csrc/cpu/conv1x1_cpu.cpp``). Unset or ``auto``: the first call of each
+  stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM with the epilogue in
+  its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``). Unset or ``auto``: the first call of each
   shape times them against the direct convolution and keeps the fastest; ``1`` always (where they
   apply), ``0`` never.
 

@@ -1,0 +1,23 @@
+#pragma once
+// KxK convolution as an implicit GEMM over output pixels, with bias, residual and ReLU applied in
+// the micro-kernel's store (csrc/cpu/implicit_gemm_cpu.cpp): any kernel size, stride and padding,
+// groups 1, fp32, channels_last, output channels a multiple of 16, x86-64 with AVX2 and FMA.
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace resnet_fused {
+namespace implicit_gemm {
+
+// The (K, C, R, S) weight packed in panels of 16 output channels: float32 (K / 16, R * S, C, 16).
+at::Tensor pack_weight(const at::Tensor& weight);
+
+// out = relu?(conv2d(x, weight, stride, padding) + bias (+ residual)), all dense channels_last fp32;
+// `kernel_size` is the weight's (R, S); `block` output pixels per work item.
+void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+          const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+          const at::Tensor& out, int64_t block);
+
+}  // namespace implicit_gemm
+}  // namespace resnet_fused
