@@ -120,8 +120,25 @@ def resolve_backend(backend: str | None, device: torch.device | str, dtype: torc
     return _resolve(requested, torch.device(device).type, dtype)
 
 
-def _check_tensor(name: str, t: torch.Tensor, ndim: int) -> None:
+class _Meta(NamedTuple):
+    """What validation reads of a tensor: hashable, so the conv checks can be cached per call shape."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _meta(name: str, t) -> _Meta:
     if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return _Meta(t.shape, t.dtype, t.device)
+
+
+def _check_tensor(name: str, t: torch.Tensor | _Meta, ndim: int) -> None:
+    if not isinstance(t, (torch.Tensor, _Meta)):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
@@ -147,24 +164,17 @@ def _check_no_grad(**tensors: torch.Tensor | None) -> None:
             )
 
 
-def conv_bias_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    stride: int | Sequence[int] = 1,
-    padding: int | Sequence[int] = 0,
-    groups: int = 1,
-    residual: torch.Tensor | None = None,
-    relu: bool = True,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """``relu?(conv2d(x, weight) + bias (+ residual))`` in one call.
+def _hashable(value):
+    # [1, 1] -> (1, 1) so that list arguments share the cache; anything odder stays as it is, so an
+    # error message shows what the caller passed.
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        return tuple(value)
+    return value
 
-    With BN folded into ``weight``/``bias`` this is conv+BN+ReLU, and with ``residual`` a block's
-    last conv + residual add + ReLU. Any memory layout is accepted; the output layout is the
-    backend's (channels_last for channels_last inputs on every backend).
-    """
+
+def _check_conv(x: _Meta, weight: _Meta, bias: _Meta | None, stride, padding, groups, residual: _Meta | None):
+    """Every check of conv_bias_act's arguments that does not read tensor data; returns the output
+    shape and the (stride, padding) pairs."""
     _check_tensor("x", x, 4)
     _check_tensor("weight", weight, 4)
     _check_same("weight", weight, x)
@@ -200,6 +210,42 @@ def conv_bias_act(
         _check_same("residual", residual, x)
         if tuple(residual.shape) != out_shape:
             raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+    return out_shape, stride, padding
+
+
+# The checks depend only on shapes, dtypes, devices and the conv parameters: a model calls each conv
+# with the same ones every time, and the Python checks cost as much as a small conv's kernel.
+_checked_conv = functools.lru_cache(maxsize=4096)(_check_conv)
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    groups: int = 1,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``relu?(conv2d(x, weight) + bias (+ residual))`` in one call.
+
+    With BN folded into ``weight``/``bias`` this is conv+BN+ReLU, and with ``residual`` a block's
+    last conv + residual add + ReLU. Any memory layout is accepted; the output layout is the
+    backend's (channels_last for channels_last inputs on every backend).
+    """
+    x_meta, w_meta = _meta("x", x), _meta("weight", weight)
+    b_meta = None if bias is None else _meta("bias", bias)
+    r_meta = None if residual is None else _meta("residual", residual)
+    args = (x_meta, w_meta, b_meta, _hashable(stride), _hashable(padding), groups, r_meta)
+    try:
+        hash(args)
+    except TypeError:  # arguments of unusual types: checked (and refused) without the cache
+        out_shape, stride, padding = _check_conv(*args)
+    else:
+        out_shape, stride, padding = _checked_conv(*args)
     _check_no_grad(x=x, weight=weight, bias=bias, residual=residual)
     if x.numel() == 0 or weight.numel() == 0:
         return x.new_zeros(out_shape).contiguous(memory_format=torch.channels_last)

@@ -213,3 +213,16 @@ def test_onednn_packed_weights_follow_the_weight():
     check()
     weight.data = torch.randn(32, 16, 3, 3, generator=g)
     check()
+
+
+def test_cached_checks_still_refuse_bad_calls():
+    """The conv checks are cached per call signature: a valid call must not let a later invalid
+    one through, and arguments that cannot be cached are still checked."""
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    ops.conv_bias_act(x, weight, None, stride=[1, 1], padding=1, backend="torch")
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ops.conv_bias_act(x, weight, None, stride=[1, 1], padding=1, residual=torch.randn(1, 8, 4, 5), backend="torch")
+    with pytest.raises(TypeError, match=r"stride must be an int or a pair of ints, got \[\[1\], \[1\]\]"):
+        ops.conv_bias_act(x, weight, None, stride=[[1], [1]], padding=1, backend="torch")
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
+        ops.conv_bias_act(x, weight, [0.0] * 8, padding=1, backend="torch")
