@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import __version__, ops, reference
-from .accuracy import judge
-from .bench import environment, make_inputs, model_variants, time_fn
+from .accuracy import judge, rel_error
+from .bench import Timing, environment, make_inputs, model_variants, time_fn, time_interleaved
 from .convert import fuse
 
 DTYPES = {
@@ -185,19 +185,25 @@ def run_bench(args, progress=True) -> dict:
         ref = copy.deepcopy(model).to(device).double()(inputs[0].double())
     variants = model_variants(model, dtype=dtype, device=device, backends=backends, example=inputs[0],
                               compile=args.compile, cuda_graph=args.cuda_graph)
-    results = []
-    bar = tqdm(variants, desc=f"{args.model[0]} b{args.batch} {_SHORT.get(dtype)}", unit="variant", disable=not progress)
-    for variant in bar:
-        bar.set_postfix_str(variant.name)
-        fn = variant.build()
-        xs = [x.contiguous(memory_format=variant.memory_format) for x in inputs]
-        timing = time_fn(fn, xs, warmup=args.warmup, repeat=args.repeat)
+    # All variants are built first and then timed round-robin (time_interleaved): a machine whose
+    # speed drifts (shared, throttling) would otherwise turn drift into a false ratio.
+    desc = f"{args.model[0]} b{args.batch} {_SHORT.get(dtype)}"
+    fns, feeds, errors = {}, {}, {}
+    for variant in tqdm(variants, desc=f"{desc}: build", unit="variant", disable=not progress):
+        fns[variant.name] = variant.build()
+        feeds[variant.name] = [x.contiguous(memory_format=variant.memory_format) for x in inputs]
+        time_fn(fns[variant.name], feeds[variant.name], warmup=args.warmup, repeat=0)
         with torch.inference_mode():
-            out = fn(xs[0]).clone()
-        results.append({"variant": variant.name, "kind": variant.kind, "median_ms": timing.median_ms,
-                        "times_ms": timing.times_ms, "images_per_s": timing.images_per_s(args.batch),
-                        "rel_error_vs_fp64": judge(out, out, ref).error})
-        del fn
+            errors[variant.name] = rel_error(fns[variant.name](feeds[variant.name][0]), ref)
+    timings = {name: Timing() for name in fns}
+    for _ in tqdm(range(args.repeat), desc=f"{desc}: time", unit="round", disable=not progress):
+        for name, part in time_interleaved(fns, feeds, rounds=1, per_round=1, warmup=0).items():
+            timings[name].times_ms += part.times_ms
+    results = [
+        {"variant": v.name, "kind": v.kind, "median_ms": timings[v.name].median_ms, "times_ms": timings[v.name].times_ms,
+         "images_per_s": timings[v.name].images_per_s(args.batch), "rel_error_vs_fp64": errors[v.name]}
+        for v in variants
+    ]
     base = results[0]["median_ms"]
     compiled = next((r["median_ms"] for r in results if r["kind"] == "compile"), None)
     for r in results:
@@ -247,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_verify)
     bench = sub.add_parser("bench", help="eager vs fused latency table")
     _add_common(bench, batch=1, size=224)
-    bench.add_argument("--repeat", type=int, default=10, help="timed runs per variant")
+    bench.add_argument("--repeat", type=int, default=10, help="timed runs per variant (rounds over all variants)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--compile", action="store_true", help="also time torch.compile (inductor, freezing on)")
     bench.add_argument("--cuda-graph", action="store_true", help="also time CUDA-graph replay (cuda only)")
