@@ -429,9 +429,10 @@ at::Tensor conv_direct(
   return out;
 }
 
-// The block for our kernel, or 0 for the direct convolution: forced by the environment, else
-// timed once per shape.
+// The block for our kernel, or 0 for the direct convolution: forced by the environment (`mode`
+// from env_switch), else timed once per shape.
 int64_t choose_block(
+    int mode,
     Kernel kernel,
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -443,7 +444,6 @@ int64_t choose_block(
     bool relu,
     c10::MemoryFormat format,
     const std::array<int64_t, 4>& out_sizes) {
-  const int mode = env_switch(kAvx2ConvEnv);
   if (mode >= 0) {
     return mode == 1 ? default_block(packed) : 0;
   }
@@ -486,10 +486,11 @@ at::Tensor conv_bias_act_cpu(
   const auto out_sizes = check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
   const Kernel kernel = own_kernel(x, weight, stride, padding, groups);
-  if (x.numel() > 0 && kernel != Kernel::kDirect && env_switch(kAvx2ConvEnv) != 0) {
+  const int mode = kernel == Kernel::kDirect ? 0 : env_switch(kAvx2ConvEnv);  // read once per call
+  if (x.numel() > 0 && mode != 0) {
     const at::Tensor packed = packed_weight(weight, kernel);
     const int64_t block =
-        choose_block(kernel, x, weight, packed, bias, stride, padding, residual, relu, format, out_sizes);
+        choose_block(mode, kernel, x, weight, packed, bias, stride, padding, residual, relu, format, out_sizes);
     if (block > 0) {
       return conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format);
     }
