@@ -20,6 +20,7 @@ namespace resnet_fused {
 // Values in the CPU path's caches of prepacked weights (csrc/cpu/ops_cpu.cpp), for tests
 // that check entries of freed or changed weights are dropped.
 int64_t cpu_weight_cache_size();
+int64_t cpu_output_pool_bytes(bool in_use);
 
 // JSON, parsed by resnet_fused.backends.extension.build_info().
 std::string build_info() {
@@ -49,6 +50,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("build_info() -> str", &resnet_fused::build_info);
   m.def("cpu_weight_cache_size() -> int", &resnet_fused::cpu_weight_cache_size);
+  m.def("cpu_output_pool_bytes(bool in_use) -> int", &resnet_fused::cpu_output_pool_bytes);
 }
 
 // An empty module: importing it is only a way to load the library with Python's own loader.

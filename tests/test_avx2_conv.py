@@ -223,3 +223,85 @@ def test_weight_data_swap_is_seen(kernel, forced):
     conv(x, weight, bias, None, True)
     weight.data = torch.randn_like(weight)
     assert_close(conv(x, weight, bias, None, True), reference(x, weight, bias, None, True))
+
+
+# The output pool (csrc/cpu/output_pool.h): our kernels' outputs are blocks reused once nobody
+# else holds them.
+POOL_CASE = ((2, 16, 32, 8, 8), (True, True, True))
+
+
+def pool_bytes(in_use: bool) -> int:
+    return torch.ops.resnet_fused.cpu_output_pool_bytes(in_use)
+
+
+def test_pool_reuses_a_freed_output(forced):
+    x, weight, bias, residual, relu = make_case(*POOL_CASE, "channels_last")
+    first = conv(x, weight, bias, residual, relu)
+    address = first.data_ptr()
+    del first
+    x2, weight2, bias2, residual2, _ = make_case(*POOL_CASE, "channels_last", seed=1)
+    second = conv(x2, weight2, bias2, residual2, relu)
+    assert second.data_ptr() == address
+    assert second.is_contiguous(memory_format=torch.channels_last)
+    assert_close(second, reference(x2, weight2, bias2, residual2, relu))
+
+
+@pytest.mark.parametrize("held", ["tensor", "view"])
+def test_pool_never_hands_out_a_held_output(held, forced):
+    x, weight, bias, residual, relu = make_case(*POOL_CASE, "channels_last")
+    first = conv(x, weight, bias, residual, relu)
+    kept = first if held == "tensor" else first[1:, :5]
+    saved = kept.clone()
+    del first
+    x2, weight2, bias2, residual2, _ = make_case(*POOL_CASE, "channels_last", seed=1)
+    second = conv(x2, weight2, bias2, residual2, relu)
+    assert second.untyped_storage().data_ptr() != kept.untyped_storage().data_ptr()
+    assert torch.equal(kept, saved)
+    assert_close(second, reference(x2, weight2, bias2, residual2, relu))
+
+
+def test_pool_off_keeps_nothing(monkeypatch, forced):
+    monkeypatch.setenv(extension.CPU_POOL_ENV, "0")
+    x, weight, bias, residual, relu = make_case(*POOL_CASE, "channels_last")
+    out = conv(x, weight, bias, residual, relu)
+    assert_close(out, reference(x, weight, bias, residual, relu))
+    del out
+    assert pool_bytes(in_use=False) == 0
+
+
+def test_pool_budget_bounds_the_free_blocks(monkeypatch, forced):
+    monkeypatch.setenv(extension.CPU_POOL_ENV, "1")
+    largest = 0
+    for h in (48, 56, 64, 72):  # outputs of 0.6 to 1.3 MiB, each a new size
+        x, weight, bias, residual, relu = make_case((1, 16, 64, h, h), (True, False, True), "channels_last", seed=h)
+        out = conv(x, weight, bias, residual, relu)
+        assert_close(out, reference(x, weight, bias, residual, relu))
+        largest = max(largest, out.untyped_storage().nbytes())
+        del out
+        # Trimmed before the new output was added; that output is free again now.
+        assert pool_bytes(in_use=False) <= (1 << 20) + largest
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_pool_budget_must_be_a_whole_number(value, monkeypatch, forced):
+    monkeypatch.setenv(extension.CPU_POOL_ENV, value)
+    x, weight, bias, residual, relu = make_case(*POOL_CASE, "channels_last")
+    with pytest.raises(RuntimeError, match=extension.CPU_POOL_ENV):
+        conv(x, weight, bias, residual, relu)
+
+
+def test_pool_is_safe_across_threads(forced):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [make_case(*POOL_CASE, "channels_last", seed=seed) for seed in range(4)]
+    expected = [reference(*case) for case in cases]
+
+    def run(i):
+        # Each thread keeps its outputs until checked, while the others free theirs into the pool.
+        return [conv(*cases[i % 4]) for _ in range(3)]
+
+    with ThreadPoolExecutor(4) as pool:
+        for i, outs in enumerate(pool.map(run, range(16))):
+            assert len({o.data_ptr() for o in outs}) == 3
+            for out in outs:
+                assert_close(out, expected[i % 4])

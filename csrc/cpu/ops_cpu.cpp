@@ -5,6 +5,7 @@
 #include "../common.h"
 #include "avx2_gemm.h"
 #include "implicit_gemm.h"
+#include "output_pool.h"
 #include "weight_cache.h"
 #include "winograd.h"
 
@@ -395,7 +396,7 @@ at::Tensor conv_own(
     int64_t block,
     const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
-  at::Tensor out = at::empty(out_sizes, x.options().memory_format(cl));
+  at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
   std::optional<at::Tensor> r;
   if (residual.has_value()) {
