@@ -92,7 +92,8 @@ def test_winograd_matches_float64(shape, flags, layout, forced):
 
 # (N, C, K, H, W, kernel, stride, padding): the 1x1 convs of every ResNet kind (expand, reduce,
 # strided shortcut), ResNet's 3x3 stride-2 and 7x7 stride-2 stem, and unusual ones (1x1 padded,
-# 5x5, 3x3 unpadded); odd pixel counts (a partial 6-row micro-tile), C of 1 and odd, K=2048 split
+# 5x5, 3x3 unpadded); under 16 input channels (3, 5, 7: a filter row's taps merged, from a padded
+# copy or, unpadded, in place); odd pixel counts (a partial 6-row micro-tile), C of 1 and odd, K=2048 split
 # across threads.
 SHAPES_IGEMM = [
     (2, 16, 32, 5, 7, 1, 1, 0),
@@ -103,6 +104,7 @@ SHAPES_IGEMM = [
     (3, 48, 16, 2, 1, 1, 2, 0),
     (2, 16, 32, 9, 8, 3, 2, 1),
     (1, 3, 16, 17, 15, 7, 2, 3),
+    (2, 7, 16, 9, 8, 3, 2, 0),
     (1, 8, 16, 5, 6, 1, 1, 1),
     (2, 5, 32, 8, 9, 5, 1, 2),
     (1, 16, 16, 6, 5, 3, 1, 0),

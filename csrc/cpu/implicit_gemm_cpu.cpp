@@ -4,12 +4,18 @@
 // are summed in the micro-kernel's registers (no im2col buffer) and bias, residual and ReLU applied
 // before the single store. Why next to oneDNN: its conv + residual-add post-op reads the residual
 // in a separate pass on AVX2 machines; the per-shape timing in ops_cpu.cpp keeps whichever is faster.
+//
+// Inputs with few channels (the 7x7 stem, C=3) make each tap a 3-step loop. There the input is
+// copied once into a zero-padded buffer so that a whole filter row (S pixels x C channels, adjacent
+// in channels_last) is one contiguous run: R taps of S*C channels instead of R*S taps of C. The
+// packed weight (K/16, R*S, C, 16) already is (K/16, R, S*C, 16) in memory.
 
 #include "implicit_gemm.h"
 
 #include "avx2_gemm.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <vector>
@@ -18,6 +24,9 @@ namespace resnet_fused {
 namespace implicit_gemm {
 
 using avx2::kPanel;
+
+// Below this many input channels a filter row's taps are merged into one (see the top of the file).
+constexpr int64_t kMergeRowsBelowChannels = 16;
 
 at::Tensor pack_weight(const at::Tensor& weight) {
   const int64_t k = weight.size(0), c = weight.size(1), taps = weight.size(2) * weight.size(3);
@@ -30,9 +39,27 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
           const at::Tensor& out, int64_t block) {
 #if RF_HAVE_X86
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t k = out.size(1), p = out.size(2), q = out.size(3);
-  const int64_t kh = kernel_size[0], kw = kernel_size[1], taps = kh * kw;
+  const int64_t n = x.size(0), k = out.size(1), p = out.size(2), q = out.size(3);
+  int64_t c = x.size(1), h = x.size(2), w = x.size(3);
+  int64_t kh = kernel_size[0], kw = kernel_size[1], pad_h = padding[0], pad_w = padding[1];
+  at::Tensor input = x;
+  if (kw > 1 && c < kMergeRowsBelowChannels) {
+    if (pad_h > 0 || pad_w > 0) {
+      // at::zeros has no memory-format argument (it would drop the one in the options).
+      input = at::empty({n, c, h + 2 * pad_h, w + 2 * pad_w}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
+      input.zero_();
+      input.narrow(2, pad_h, h).narrow(3, pad_w, w).copy_(x);
+      h += 2 * pad_h;
+      w += 2 * pad_w;
+      pad_h = pad_w = 0;
+    }
+    // Tap (i, 0) now spans the row's kw pixels; the stride between output pixels is unchanged.
+    c *= kw;
+    kw = 1;
+  }
+  const int64_t taps = kh * kw;
+  // One input pixel along W is x.size(1) floats, whether or not the taps were merged.
+  const int64_t pixel_stride = x.size(1);
   const int64_t pixels = n * p * q;
   TORCH_INTERNAL_ASSERT(block >= 1);
   block = std::min(block, pixels);
@@ -46,7 +73,7 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
     k_groups *= 2;
   }
   const int64_t group_panels = panels / k_groups;
-  const float* xp = x.const_data_ptr<float>();
+  const float* xp = input.const_data_ptr<float>();
   const float* wp = packed.const_data_ptr<float>();
   const float* bp = bias.const_data_ptr<float>();
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
@@ -62,12 +89,12 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
       for (int64_t r = 0; r < count; ++r) {
         const int64_t pixel = t0 + r;
         const int64_t img = pixel / (p * q);
-        const int64_t y0 = ((pixel / q) % p) * stride[0] - padding[0], x0 = (pixel % q) * stride[1] - padding[1];
+        const int64_t y0 = ((pixel / q) % p) * stride[0] - pad_h, x0 = (pixel % q) * stride[1] - pad_w;
         for (int64_t i = 0; i < kh; ++i) {
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t yy = y0 + i, xx = x0 + j;
             const bool inside = yy >= 0 && yy < h && xx >= 0 && xx < w;
-            rows[r * taps + i * kw + j] = inside ? xp + ((img * h + yy) * w + xx) * c : zero.data();
+            rows[r * taps + i * kw + j] = inside ? xp + ((img * h + yy) * w + xx) * pixel_stride : zero.data();
           }
         }
       }
