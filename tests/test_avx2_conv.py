@@ -132,17 +132,24 @@ def test_implicit_gemm_keeps_nan(forced):
     assert torch.isfinite(out).sum() == out.numel() - 32
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_winograd_any_thread_count(threads, forced):
-    """The work split (tile blocks x output-channel groups) depends on the thread count."""
-    x, weight, bias, residual, relu = make_case((1, 64, 128, 6, 6), (True, True, True), "channels_last")
+# (shape, kernel): one block split across output channels; many blocks (390 tiles, 286 pixels)
+# whose count is rounded up to a multiple of the threads and whose rows are shared out evenly.
+THREAD_CASES = [((1, 64, 128, 6, 6), 3), ((2, 16, 32, 30, 26), 3), ((2, 16, 32, 13, 11), 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", THREAD_CASES, ids=["one_block", "winograd_blocks", "igemm_blocks"])
+def test_any_thread_count(case, threads, forced):
+    """The work split (row blocks x output-channel groups) depends on the thread count."""
+    shape, kernel = case
+    x, weight, bias, residual, relu = make_case(shape, (True, True, True), "channels_last", kernel=kernel)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = conv(x, weight, bias, residual, relu)
     finally:
         torch.set_num_threads(before)
-    assert_close(out, reference_conv_bias_act(x, weight, bias, padding=1, residual=residual, relu=relu))
+    assert_close(out, reference(x, weight, bias, residual, relu))
 
 
 def test_winograd_keeps_nan(forced):

@@ -10,6 +10,7 @@
 // Functions carry target("avx2,fma") instead of the whole build using -mavx2: the extension must
 // load on any x86-64 CPU, and callers check cpu_has_avx2_fma() before calling in.
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -43,6 +44,35 @@ struct Epilogue {
   const float* residual = nullptr;  // row 0 of this panel's residual; rows `ld_residual` apart
   int64_t ld_residual = 0;
   bool relu = false;
+};
+
+// `total` rows (pixels, tiles) cut into blocks of at most about `block`, for at::parallel_for.
+// WHY: at batch 1 a map has few rows (49 tiles of a 14x14 map): cut into blocks of 48, one thread
+// got 48 tiles and the other 1. When there are several blocks, their count is rounded up to a
+// multiple of the thread count and the rows are shared out evenly (sizes differ by at most one),
+// so each thread's contiguous share of the blocks is the same amount of work. A single block is
+// left whole: the callers then split the output channels between the threads instead.
+struct Blocks {
+  int64_t count;  // blocks
+  int64_t base;   // rows in the smallest block
+  int64_t extra;  // the first `extra` blocks have one more row
+  int64_t max_size;
+
+  Blocks(int64_t total, int64_t block, int64_t threads) {
+    count = (total + block - 1) / block;
+    if (count > 1 && threads > 1) {
+      count = std::min(total, (count + threads - 1) / threads * threads);
+    }
+    base = total / count;
+    extra = total % count;
+    max_size = base + (extra > 0 ? 1 : 0);
+  }
+  int64_t begin(int64_t i) const {
+    return i * base + std::min(i, extra);
+  }
+  int64_t size(int64_t i) const {
+    return base + (i < extra ? 1 : 0);
+  }
 };
 
 #if RF_HAVE_X86

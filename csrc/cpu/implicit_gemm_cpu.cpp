@@ -62,12 +62,12 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   const int64_t pixel_stride = x.size(1);
   const int64_t pixels = n * p * q;
   TORCH_INTERNAL_ASSERT(block >= 1);
-  block = std::min(block, pixels);
-  const int64_t blocks = (pixels + block - 1) / block;
+  const int64_t threads = at::get_num_threads();
+  const avx2::Blocks split(pixels, std::min(block, pixels), threads);
+  const int64_t blocks = split.count;
   const int64_t panels = k / kPanel;
   // Output channels are split too, so that a small map (7x7 at batch 1) still gives every thread
   // several work items; no work is duplicated by the split.
-  const int64_t threads = at::get_num_threads();
   int64_t k_groups = 1;
   while (blocks * k_groups < 4 * threads && panels % (k_groups * 2) == 0) {
     k_groups *= 2;
@@ -81,11 +81,11 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> zero;
-    rows.resize(block * taps);
+    rows.resize(split.max_size * taps);
     zero.assign(c, 0.f);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t0 = (item / k_groups) * block, kg = item % k_groups;
-      const int64_t count = std::min(block, pixels - t0);
+      const int64_t blk = item / k_groups, kg = item % k_groups;
+      const int64_t t0 = split.begin(blk), count = split.size(blk);
       for (int64_t r = 0; r < count; ++r) {
         const int64_t pixel = t0 + r;
         const int64_t img = pixel / (p * q);

@@ -175,9 +175,10 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
   const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out.size(1),
                    (x.size(2) + 1) / 2, (x.size(3) + 1) / 2, tiles(x)};
   TORCH_INTERNAL_ASSERT(block >= 1);
-  block = std::min(block, g.tiles);
   const int64_t threads = at::get_num_threads();
-  const int64_t blocks = (g.tiles + block - 1) / block;
+  const avx2::Blocks split(g.tiles, std::min(block, g.tiles), threads);
+  const int64_t blocks = split.count;
+  block = split.max_size;
   // Output channels are split too when there are too few tile blocks to keep every thread busy.
   int64_t k_groups = 1;
   while (blocks * k_groups < threads && (g.k / kPanel) % (k_groups * 2) == 0 && g.k / (k_groups * 2) >= 64) {
@@ -207,7 +208,7 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
     int64_t cached_block = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / k_groups, kg = item % k_groups;
-      const int64_t t0 = blk * block, count = std::min(block, g.tiles - t0);
+      const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
         input_transform(xp, g, t0, count, zero, rows, v);
         cached_block = blk;
