@@ -37,25 +37,23 @@ class FusedConvBNAct(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.detach().clone().contiguous(memory_format=memory_format))
         self.register_buffer("bias", bias.detach().clone())
-        self.stride = tuple(stride) if not isinstance(stride, int) else (stride, stride)
-        self.padding = tuple(padding) if not isinstance(padding, int) else (padding, padding)
-        self.groups = groups
-        self.relu = relu
-        self.backend = backend
-        self.memory_format = memory_format
+        self.conv = ops.BoundConvBiasAct(stride=stride, padding=padding, groups=groups, relu=relu, backend=backend)
+        # A flag, not the torch.memory_format: torch.save cannot pickle a memory_format object.
+        self.channels_last = memory_format == torch.channels_last
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    # The conv's arguments live in the bound op (fixed at construction, like a Conv2d's).
+    stride = property(lambda self: self.conv.stride)
+    padding = property(lambda self: self.conv.padding)
+    groups = property(lambda self: self.conv.groups)
+    relu = property(lambda self: self.conv.relu)
+    backend = property(lambda self: self.conv.backend)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.conv_bias_act(
-            x.contiguous(memory_format=self.memory_format),
-            self.weight,
-            self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            residual=residual,
-            relu=self.relu,
-            backend=self.backend,
-        )
+        return self.conv(x.contiguous(memory_format=self.memory_format), self.weight, self.bias, residual)
 
     def extra_repr(self) -> str:
         k, c, r, s = self.weight.shape

@@ -30,6 +30,7 @@ __all__ = [
     "available_backends",
     "resolve_backend",
     "conv_bias_act",
+    "BoundConvBiasAct",
     "add_relu",
     "bias_act",
 ]
@@ -251,6 +252,78 @@ def conv_bias_act(
         return x.new_zeros(out_shape).contiguous(memory_format=torch.channels_last)
     module = BACKENDS[resolve_backend(backend, x.device, x.dtype)]
     return module.conv_bias_act(x, weight, bias, stride, padding, groups, residual, bool(relu))
+
+
+class BoundConvBiasAct:
+    """:func:`conv_bias_act` with the conv's own arguments bound, for a module that calls it the same
+    way on every forward.
+
+    The first call with a given signature (the shapes, dtypes and devices of every tensor, and the
+    backend request) runs every check of :func:`conv_bias_act`; later calls with that signature go
+    straight to the backend's kernel. WHY: measured on resnet50 at batch 1 (CPU), the per-call checks
+    and dispatch cost 2-3 ms of a 70 ms forward. Calls with grad enabled, with tensor subclasses or
+    under ``torch.compile`` always take the checked path.
+    """
+
+    __slots__ = ("stride", "padding", "groups", "relu", "backend", "_plan")
+
+    def __init__(self, *, stride=1, padding=0, groups: int = 1, relu: bool = True, backend: str | None = None):
+        self.stride = _shapes.pair(stride, "stride")
+        self.padding = _shapes.pair(padding, "padding")
+        self.groups = groups
+        self.relu = bool(relu)
+        self.backend = backend
+        self._plan = None  # (signature, backend function), replaced whole so threads see either
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in self.__slots__ if name != "_plan"}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._plan = None
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        fast = (
+            not torch.is_grad_enabled()
+            and type(x) is torch.Tensor
+            and type(weight) is torch.Tensor
+            and (bias is None or type(bias) is torch.Tensor)
+            and (residual is None or type(residual) is torch.Tensor)
+            and not torch.compiler.is_compiling()
+        )
+        if fast:
+            # Flat, built inline: this runs once per conv per forward.
+            key = (
+                x.shape,
+                x.dtype,
+                x.device,
+                weight.shape,
+                weight.dtype,
+                weight.device,
+                None if bias is None else (bias.shape, bias.dtype, bias.device),
+                None if residual is None else (residual.shape, residual.dtype, residual.device),
+                os.environ.get(ENV_VAR),
+            )
+            plan = self._plan
+            if plan is not None and plan[0] == key:
+                return plan[1](x, weight, bias, self.stride, self.padding, self.groups, residual, self.relu)
+        out = conv_bias_act(
+            x,
+            weight,
+            bias,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            residual=residual,
+            relu=self.relu,
+            backend=self.backend,
+        )
+        if fast and x.numel() > 0 and weight.numel() > 0:
+            self._plan = (key, BACKENDS[resolve_backend(self.backend, x.device, x.dtype)].conv_bias_act)
+        return out
 
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -193,3 +193,16 @@ def test_fuse_inside_inference_mode_makes_normal_weights():
         fused = resnet_fused.fuse(model)
     tensors = list(fused.buffers()) + list(fused.parameters())
     assert tensors and not any(t.is_inference() for t in tensors)
+
+
+def test_fused_model_survives_torch_save(tmp_path):
+    """A whole fused model (not only its state_dict) saves and loads, and computes the same after."""
+    model = reference.random_model("resnet18", seed=3)
+    fused = resnet_fused.fuse(model)
+    x = torch.randn(2, 3, 40, 36)
+    with torch.inference_mode():
+        before = fused(x)
+        torch.save(fused, tmp_path / "fused.pt")
+        loaded = torch.load(tmp_path / "fused.pt", weights_only=False)
+        after = loaded(x)
+    assert torch.equal(before, after)

@@ -226,3 +226,56 @@ def test_cached_checks_still_refuse_bad_calls():
         ops.conv_bias_act(x, weight, None, stride=[[1], [1]], padding=1, backend="torch")
     with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
         ops.conv_bias_act(x, weight, [0.0] * 8, padding=1, backend="torch")
+
+
+# ---- BoundConvBiasAct: checks once per call signature, then straight to the backend.
+AUTO_CPU = ops.resolve_backend(None, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("backend", sorted({*CPU_BACKENDS, AUTO_CPU}))
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bound_conv_matches_float64(backend, with_residual):
+    (x, weight, bias, residual), kw = _case(SHAPES["3x3s2"])
+    bound = ops.BoundConvBiasAct(**kw, relu=True, backend=backend)
+    res = residual if with_residual else None
+    expected = reference_conv_bias_act(x, weight, bias, **kw, residual=res, relu=True)
+    with torch.inference_mode():
+        for seed in range(3):  # the first call plans, the later ones take the planned path
+            x2 = x if seed == 0 else torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+            out = bound(x2, weight, bias, res)
+            assert_close(out, expected if seed == 0 else reference_conv_bias_act(x2, weight, bias, **kw, residual=res))
+
+
+def test_bound_conv_still_refuses_bad_calls():
+    x, weight = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3)
+    bound = ops.BoundConvBiasAct(padding=1, backend="torch")
+    with torch.inference_mode():
+        bound(x, weight, None)
+        with pytest.raises(ValueError, match="residual must have the output's shape"):
+            bound(x, weight, None, torch.randn(1, 8, 4, 5))
+        with pytest.raises(ValueError, match="x has 5 channels but weight expects 4"):
+            bound(torch.randn(1, 5, 5, 5), weight, None)
+        with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has torch.float32"):
+            bound(x, weight.double(), None)
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+            bound([[1.0]], weight, None)
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only and x requires grad"):
+        bound(x, weight, None)
+
+
+def test_bound_conv_follows_the_backend_variable(monkeypatch):
+    calls = []
+    for name in ("torch", AUTO_CPU):
+        real = ops.BACKENDS[name].conv_bias_act
+        monkeypatch.setattr(ops.BACKENDS[name], "conv_bias_act", lambda *a, name=name, real=real: calls.append(name) or real(*a))
+    (x, weight, bias, _), kw = _case(SHAPES["1x1s1"])
+    bound = ops.BoundConvBiasAct(**kw)
+    with torch.inference_mode():
+        monkeypatch.setenv(ops.ENV_VAR, "torch")
+        bound(x, weight, bias)
+        bound(x, weight, bias)
+        monkeypatch.delenv(ops.ENV_VAR)
+        out = bound(x, weight, bias)
+    assert calls == ["torch", "torch", AUTO_CPU]
+    assert_close(out, reference_conv_bias_act(x, weight, bias, **kw))
