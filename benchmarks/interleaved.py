@@ -1,12 +1,16 @@
 """Whole-model latency with the variants timed round-robin in one process (see
 ``resnet_fused.bench.time_interleaved``): the comparison to trust on a machine whose speed drifts.
 
-    python benchmarks/interleaved.py --models resnet18,resnet50 --batch 1,8 --out DIR
+    python benchmarks/interleaved.py --models resnet18,resnet50 --batch 1,8 --runs 3 --out DIR
 
 Variants: eager NCHW (the baseline), torch.compile (inductor, freezing), and the fused model on
 each CPU backend; the extension also with its own AVX2 kernels switched off
 (``RESNET_FUSED_AVX2_CONV=0``), which isolates what they add. Every variant's output is checked
 against the model in float64 first. Writes DIR/interleaved.json and DIR/interleaved.md.
+
+``--runs N`` repeats the whole measurement (variants rebuilt, autotuning redone) N times and
+reports each ratio's median and range over the runs: even interleaved, one run's ratios moved by
+up to 0.3 between runs on the 2-core development VM.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,31 +77,55 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224) -> list[dict]:
     ]
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (model, batch, variant): the median over runs of its median time and ratios, and their range."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["batch"], r["variant"]), []).append(r)
+    summary = []
+    for (model, batch, variant), runs in groups.items():
+        entry = {"model": model, "batch": batch, "variant": variant, "runs": len(runs),
+                 "median_ms": statistics.median(r["median_ms"] for r in runs),
+                 "rel_error": max(r["rel_error"] for r in runs)}
+        for ratio in ("vs_eager", "vs_compile"):
+            values = [r[ratio] for r in runs]
+            entry[ratio] = statistics.median(values)
+            entry[ratio + "_range"] = (min(values), max(values))
+        summary.append(entry)
+    return summary
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement this many times")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     rows = []
-    for arch in args.models.split(","):
-        for batch in (int(b) for b in args.batch.split(",")):
-            rows += measure(arch, batch, args.rounds, args.size)
-            print(f"{arch} b{batch} done", file=sys.stderr, flush=True)
+    for run in range(args.runs):
+        for arch in args.models.split(","):
+            for batch in (int(b) for b in args.batch.split(",")):
+                rows += [dict(r, run=run) for r in measure(arch, batch, args.rounds, args.size)]
+                print(f"run {run + 1}/{args.runs}: {arch} b{batch} done", file=sys.stderr, flush=True)
+    summary = summarize(rows)
     env = bench.environment("cpu")
     lines = [
-        f"Interleaved timing (`benchmarks/interleaved.py`), {bench._cpu_name()} ({env['cpu_capability']}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, fp32 {args.size}x{args.size}, median ms of round-robin runs.",
+        f"Interleaved timing (`benchmarks/interleaved.py --rounds {args.rounds} --runs {args.runs}`), {bench._cpu_name()} "
+        f"({env['cpu_capability']}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 {args.size}x{args.size}. "
+        f"Each run times the variants round-robin ({args.rounds} rounds); ms and ratios are medians over the {args.runs} "
+        "run(s), [min-max] over runs.",
         "",
-        "| model | batch | variant | median ms | runs | vs eager | vs compile | rel err vs fp64 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | variant | median ms | vs eager | vs compile | rel err vs fp64 |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | {r['runs']} | {r['vs_eager']:.2f}x | "
-              f"{r['vs_compile']:.2f}x | {r['rel_error']:.1e} |" for r in rows]
+    lines += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | {r['vs_eager']:.2f}x "
+              f"[{r['vs_eager_range'][0]:.2f}-{r['vs_eager_range'][1]:.2f}] | {r['vs_compile']:.2f}x "
+              f"[{r['vs_compile_range'][0]:.2f}-{r['vs_compile_range'][1]:.2f}] | {r['rel_error']:.1e} |" for r in summary]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "interleaved.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (args.out / "interleaved.json").write_text(json.dumps({"environment": env, "summary": summary, "rows": rows}, indent=1))
     (args.out / "interleaved.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

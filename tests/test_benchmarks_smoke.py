@@ -143,12 +143,18 @@ def test_time_interleaved_times_every_variant_each_round():
 def test_interleaved_script(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1", "--size", "32",
-         "--rounds", "1", "--out", str(tmp_path)],
+         "--rounds", "1", "--runs", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads((tmp_path / "interleaved.json").read_text())["rows"]
-    variants = {r["variant"] for r in rows}
-    assert variants == {"eager", "torch.compile", "fused onednn", "fused extension", "fused extension, own kernels off"}
+    result = json.loads((tmp_path / "interleaved.json").read_text())
+    rows, summary = result["rows"], result["summary"]
+    variants = {"eager", "torch.compile", "fused onednn", "fused extension", "fused extension, own kernels off"}
+    assert {r["variant"] for r in rows} == variants and sorted(r["run"] for r in rows) == [0] * 5 + [1] * 5
     assert all(r["median_ms"] > 0 and r["rel_error"] < 1e-4 for r in rows)
-    assert (tmp_path / "interleaved.md").read_text().count("| resnet18 | 1 |") == len(rows)
+    assert {s["variant"] for s in summary} == variants and all(s["runs"] == 2 for s in summary)
+    for s in summary:
+        runs = [r for r in rows if r["variant"] == s["variant"]]
+        lo, hi = s["vs_compile_range"]
+        assert lo == min(r["vs_compile"] for r in runs) <= s["vs_compile"] <= hi == max(r["vs_compile"] for r in runs)
+    assert (tmp_path / "interleaved.md").read_text().count("| resnet18 | 1 |") == len(summary)
