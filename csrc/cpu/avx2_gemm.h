@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -46,33 +47,60 @@ struct Epilogue {
   bool relu = false;
 };
 
-// `total` rows (pixels, tiles) cut into blocks of at most about `block`, for at::parallel_for.
+// `total` rows (pixels, tiles) cut into blocks of about `block` rows, for at::parallel_for, which
+// hands each thread an equal count of consecutive blocks.
 // WHY: at batch 1 a map has few rows (49 tiles of a 14x14 map): cut into blocks of 48, one thread
-// got 48 tiles and the other 1. When there are several blocks, their count is rounded up to a
-// multiple of the thread count and the rows are shared out evenly (sizes differ by at most one),
-// so each thread's contiguous share of the blocks is the same amount of work. A single block is
-// left whole: the callers then split the output channels between the threads instead.
-struct Blocks {
-  int64_t count;  // blocks
-  int64_t base;   // rows in the smallest block
-  int64_t extra;  // the first `extra` blocks have one more row
-  int64_t max_size;
-
+// got 48 tiles and the other 1. So the rows are first shared between the threads, then each
+// thread's share is cut into the same number of blocks. Shares and blocks are whole micro-tiles of
+// kRows rows (only the very last block may end in a partial one): a block of 43 rows would run
+// a 1-row micro-kernel call, which costs about a third of a full one. A single block is left
+// whole: the callers then split the output channels between the threads instead.
+class Blocks {
+ public:
   Blocks(int64_t total, int64_t block, int64_t threads) {
-    count = (total + block - 1) / block;
-    if (count > 1 && threads > 1) {
-      count = std::min(total, (count + threads - 1) / threads * threads);
+    const int64_t units = (total + kRows - 1) / kRows;
+    const int64_t block_units = std::max<int64_t>(1, block / kRows);
+    threads = std::max<int64_t>(1, std::min(threads, units));
+    const int64_t per_thread = (units + threads - 1) / threads;
+    // At most a block per unit of the smallest share, so that every thread gets the same count.
+    const int64_t blocks_per_thread =
+        std::max<int64_t>(1, std::min((per_thread + block_units - 1) / block_units, units / threads));
+    if (units <= block_units || threads == 1) {
+      const int64_t count = units <= block_units ? 1 : (units + block_units - 1) / block_units;
+      cut(0, units, count, total);
+    } else {
+      for (int64_t t = 0; t < threads; ++t) {
+        cut(units * t / threads, units * (t + 1) / threads, blocks_per_thread, total);
+      }
     }
-    base = total / count;
-    extra = total % count;
-    max_size = base + (extra > 0 ? 1 : 0);
+    starts_.push_back(total);
+    for (size_t i = 0; i + 1 < starts_.size(); ++i) {
+      max_size_ = std::max(max_size_, starts_[i + 1] - starts_[i]);
+    }
+  }
+  int64_t count() const {
+    return static_cast<int64_t>(starts_.size()) - 1;
+  }
+  int64_t max_size() const {
+    return max_size_;
   }
   int64_t begin(int64_t i) const {
-    return i * base + std::min(i, extra);
+    return starts_[i];
   }
   int64_t size(int64_t i) const {
-    return base + (i < extra ? 1 : 0);
+    return starts_[i + 1] - starts_[i];
   }
+
+ private:
+  // Units [first, last) into `count` blocks within one unit of each other (none empty).
+  void cut(int64_t first, int64_t last, int64_t count, int64_t total) {
+    count = std::max<int64_t>(1, std::min(count, last - first));
+    for (int64_t b = 0; b < count; ++b) {
+      starts_.push_back(std::min(total, (first + (last - first) * b / count) * kRows));
+    }
+  }
+  std::vector<int64_t> starts_;
+  int64_t max_size_ = 0;
 };
 
 #if RF_HAVE_X86

@@ -64,7 +64,7 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   TORCH_INTERNAL_ASSERT(block >= 1);
   const int64_t threads = at::get_num_threads();
   const avx2::Blocks split(pixels, std::min(block, pixels), threads);
-  const int64_t blocks = split.count;
+  const int64_t blocks = split.count();
   const int64_t panels = k / kPanel;
   // Output channels are split too, so that a small map (7x7 at batch 1) still gives every thread
   // several work items; no work is duplicated by the split.
@@ -81,7 +81,7 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> zero;
-    rows.resize(split.max_size * taps);
+    rows.resize(split.max_size() * taps);
     zero.assign(c, 0.f);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / k_groups, kg = item % k_groups;

@@ -359,15 +359,25 @@ struct ShapeKeyHash {
   }
 };
 
-double best_of_ms(const std::function<void()>& run) {
-  run();  // warm-up: first touch of buffers, oneDNN primitive creation and weight packing
-  double best = 1e30;
-  for (int i = 0; i < 2; ++i) {
-    const auto start = std::chrono::steady_clock::now();
+// Index of the fastest of `candidates`: each run once to warm up (first touch of buffers, oneDNN
+// primitive creation, weight packing), then timed round-robin, best of kTimedRounds each.
+// WHY round-robin: this VM's speed drifts; timing one candidate after another let a slow moment
+// decide a layer's kernel for the life of the process (whole-model times moved by up to 8%).
+constexpr int kTimedRounds = 3;
+
+size_t fastest(const std::vector<std::function<void()>>& candidates) {
+  for (const auto& run : candidates) {
     run();
-    best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
-  return best;
+  std::vector<double> best(candidates.size(), 1e30);
+  for (int round = 0; round < kTimedRounds; ++round) {
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      const auto start = std::chrono::steady_clock::now();
+      candidates[i]();
+      best[i] = std::min(best[i], std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  return static_cast<size_t>(std::min_element(best.begin(), best.end()) - best.begin());
 }
 
 // Weight re-laid out once per weight for our kernels (weight_cache.h).
@@ -460,16 +470,16 @@ int64_t choose_block(
       return it->second;
     }
   }
-  int64_t best_block = 0;
-  double best = best_of_ms([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
+  // Candidate 0 is the direct convolution (block 0), then our kernel at each block size.
+  std::vector<int64_t> blocks{0};
+  std::vector<std::function<void()>> candidates{
+      [&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); }};
   for (int64_t block : kBlockCandidates) {
-    const double ms = best_of_ms(
-        [&] { conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format); });
-    if (ms < best) {
-      best = ms;
-      best_block = block;
-    }
+    blocks.push_back(block);
+    candidates.push_back(
+        [&, block] { conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format); });
   }
+  const int64_t best_block = blocks[fastest(candidates)];
   std::lock_guard<std::mutex> lock(mutex);
   choices.emplace(key, best_block);
   return best_block;

@@ -177,8 +177,8 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
   TORCH_INTERNAL_ASSERT(block >= 1);
   const int64_t threads = at::get_num_threads();
   const avx2::Blocks split(g.tiles, std::min(block, g.tiles), threads);
-  const int64_t blocks = split.count;
-  block = split.max_size;
+  const int64_t blocks = split.count();
+  block = split.max_size();
   // Output channels are split too when there are too few tile blocks to keep every thread busy.
   int64_t k_groups = 1;
   while (blocks * k_groups < threads && (g.k / kPanel) % (k_groups * 2) == 0 && g.k / (k_groups * 2) >= 64) {
