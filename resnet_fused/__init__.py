@@ -6,11 +6,37 @@
         logits = fast(images)
 """
 
-from .convert import fuse
-from .folding import fold_bn
-from .ops import BackendFallbackWarning, BackendUnavailableError, available_backends
+import importlib
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it. Resolved on first use (PEP 562): importing the
+# package, its version or its command line (``resnet_fused.cli``) must not import torch, which
+# alone takes seconds; ``resnet-fused --help`` answers before any of it is loaded.
+_LAZY = {
+    "fuse": "convert",
+    "fold_bn": "folding",
+    "available_backends": "ops",
+    "BackendUnavailableError": "ops",
+    "BackendFallbackWarning": "ops",
+}
+_SUBMODULES = ("accuracy", "bench", "cli", "convert", "export", "folding", "modules", "ops", "reference")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
 
 __all__ = [
     "fuse",

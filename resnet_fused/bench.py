@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib
+import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -18,7 +22,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Timing", "time_fn", "time_interleaved", "make_inputs", "Variant", "model_variants", "environment"]
+__all__ = ["Timing", "time_fn", "time_interleaved", "make_inputs", "Variant", "model_variants", "PEERS", "peer_variants",
+           "environment", "cpu_flags"]
 
 
 @dataclass
@@ -102,7 +107,7 @@ class Variant:
     name: str
     build: Callable[[], Callable[[torch.Tensor], torch.Tensor]]
     memory_format: torch.memory_format = torch.contiguous_format
-    kind: str = "eager"  # eager | compile | fused
+    kind: str = "eager"  # eager | compile | peer | fused
     backend: str | None = None  # fused variants: the backend of their kernels
     cuda_graph: bool = False
 
@@ -181,6 +186,99 @@ def model_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device
     return variants
 
 
+# Runtimes a user would pick on a CPU instead of torch (module -> label); optional: the `peers` extra.
+PEERS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+_OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device | str,
+                  example: torch.Tensor) -> tuple[list[Variant], list[str]]:
+    """ONNX Runtime and OpenVINO running one ``torch.onnx`` export of ``model`` (eval, float32): the
+    variants that can run here, and a one-line note for each peer that cannot (not installed, not
+    on this device, not in this dtype on this CPU).
+
+    Both take float32 images (a bf16 batch is converted) and return float32 logits: ONNX Runtime
+    computes in float32 and runs at ``dtype`` float32 only; OpenVINO's precision hint follows ``dtype``.
+    """
+    labels = ", ".join(PEERS.values())
+    if torch.device(device).type != "cpu":
+        return [], [f"{labels}: compared on the CPU only, skipped on {device}"]
+    try:
+        importlib.import_module("onnx")  # torch.onnx.export writes its graph with it
+    except ImportError:
+        return [], [f"{labels} skipped: onnx is not installed (pip install 'resnet-fused[peers]')"]
+    variants, notes = [], []
+    onnx = functools.cache(lambda: _onnx_bytes(model, example))  # one export, built with the first peer
+    for module, label in PEERS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            notes.append(f"{label} skipped: {module} is not installed (pip install 'resnet-fused[peers]')")
+            continue
+        if module == "onnxruntime":
+            if dtype != torch.float32:
+                notes.append(f"{label} skipped: it runs this model in float32 only, not {str(dtype).replace('torch.', '')}")
+                continue
+            variants.append(Variant(label, lambda: _onnxruntime(onnx()), kind="peer"))
+        else:
+            precision = _OPENVINO_PRECISION.get(dtype)
+            reason = _openvino_unsupported(precision)
+            if reason:
+                notes.append(f"{label} skipped: {reason}")
+                continue
+            variants.append(Variant(f"{label} {precision}", lambda p=precision: _openvino(onnx(), p), kind="peer"))
+    return variants, notes
+
+
+def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    # The TorchScript-based exporter (dynamo=False) at opset 17: what the ONNX Runtime and OpenVINO
+    # numbers in the field were measured with, and it needs no onnxscript.
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        torch.onnx.export(model, (example.detach().to(device="cpu", dtype=torch.float32),), path, dynamo=False,
+                          opset_version=17, input_names=["images"], output_names=["logits"])
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _onnxruntime(onnx: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # As many threads as torch uses: the comparison is of kernels, not of thread counts.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.float().numpy()})[0])
+
+
+def _openvino_unsupported(precision: str | None) -> str | None:
+    if precision is None:
+        return "compared in float32 and bfloat16 only"
+    if precision == "bf16":
+        import openvino as ov
+
+        if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            return "this CPU has no bf16 instructions OpenVINO uses (AVX512-BF16 or AMX)"
+    return None
+
+
+def _openvino(onnx: bytes, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision,
+              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(onnx)
+        request = core.compile_model(core.read_model(path), "CPU", config).create_infer_request()
+    return lambda x: torch.from_numpy(request.infer({0: x.float().numpy()})[0])
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """Versions and device facts every published number carries."""
     from . import ops
@@ -197,10 +295,9 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device),
     }
-    with contextlib.suppress(ImportError):
-        import triton
-
-        info["triton"] = triton.__version__
+    for module in ("triton", *PEERS):
+        with contextlib.suppress(ImportError):
+            info[module] = importlib.import_module(module).__version__
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(
@@ -213,6 +310,8 @@ def environment(device: torch.device | str = "cpu") -> dict:
         )
     else:
         info["device_name"] = _cpu_name()
+    info["cpu_model"] = _cpu_name(threads=False)
+    info["cpu_flags"] = cpu_flags()
     info["backends"] = {name: asdict_status(status) for name, status in ops.available_backends().items()}
     return info
 
@@ -221,13 +320,29 @@ def asdict_status(status) -> dict:
     return {"available": status.available, "devices": list(status.devices), "reason": status.reason}
 
 
-def _cpu_name() -> str:
+def _cpu_name(threads: bool = True) -> str:
+    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    return f"{name} ({torch.get_num_threads()} threads)" if threads else name
+
+
+def _cpuinfo_field(key: str) -> str | None:
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    return platform.processor() or platform.machine()
+                if line.split(":", 1)[0].strip() == key:
+                    return line.split(":", 1)[1].strip()
+    return None
+
+
+# The instruction sets that decide which kernels run (ours, oneDNN's, the peers'), as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's instruction sets from :data:`ISA_FLAGS` (Linux; elsewhere empty)."""
+    present = set((_cpuinfo_field("flags") or "").split())
+    return [flag for flag in ISA_FLAGS if flag in present]
 
 
 def _driver_version() -> str | None:

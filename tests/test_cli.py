@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from resnet_fused import cli, ops
+from resnet_fused import cli, ops, reference
 from resnet_fused.backends import torch_backend
 
 
@@ -40,13 +40,20 @@ class _Broken:
         return out
 
 
-def test_verify_fails_on_a_wrong_backend(monkeypatch, capsys):
-    monkeypatch.setitem(ops.BACKENDS, "broken", _Broken)
-    ops._resolve.cache_clear()
-    try:
-        assert cli.main(["verify", "--model", "resnet18", "--backend", "broken", "--size", "32"]) == 1
-    finally:
+@pytest.fixture
+def add_backend(monkeypatch):
+    """Register a test backend with the dispatcher and the command line's list of names."""
+    def add(module):
+        monkeypatch.setitem(ops.BACKENDS, module.NAME, module)
+        monkeypatch.setattr(cli, "BACKEND_NAMES", (*cli.BACKEND_NAMES, module.NAME))
         ops._resolve.cache_clear()
+    yield add
+    ops._resolve.cache_clear()
+
+
+def test_verify_fails_on_a_wrong_backend(add_backend, capsys):
+    add_backend(_Broken)
+    assert cli.main(["verify", "--model", "resnet18", "--backend", "broken", "--size", "32"]) == 1
     captured = capsys.readouterr()
     assert "MISMATCH" in captured.out and "MISMATCH" in captured.err
 
@@ -89,16 +96,135 @@ def test_each_command_has_its_own_defaults():
     assert (verify.batch, verify.size) == (2, 64)
 
 
-@pytest.mark.parametrize("argv,message", [
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines and "Traceback" not in captured.err, captured.err
+    assert captured.out == ""
+    return lines[-1]  # the lines before it, if any, are progress ("[  1.2s] loading torch ...")
+
+
+# Mistakes visible in the arguments alone: refused by the parser, before torch is imported.
+ARGUMENT_ERRORS = [
+    (["verify", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["bench", "--batch", "0"], "argument --batch: must be at least 1, got 0"),
+    (["bench", "--batch", "-1"], "argument --batch: must be at least 1, got -1"),
+    (["verify", "--size", "0"], "argument --size: must be at least 1"),
+    (["bench", "--repeat", "0"], "argument --repeat: must be at least 1"),
+    (["bench", "--warmup", "-1"], "argument --warmup: must be 0 or more"),
+    (["verify", "--batch", "two"], "expected a whole number, got 'two'"),
     (["verify", "--model", "resnet7"], "unknown model 'resnet7'"),
+    (["verify", "--model", "resnet51"], "(did you mean resnet50"),
+    (["verify", "--model", "keras:resnet50"], "unknown model family 'keras'"),
+    (["verify", "--model", "timm:"], "'timm:' names no model"),
     (["verify", "--dtype", "int8"], "unknown dtype 'int8'"),
-    (["verify", "--device", "cuda"] if not torch.cuda.is_available() else ["verify", "--device", "nonsense"], "device"),
+    (["verify", "--device", "gpu"], "unknown device 'gpu'"),
     (["verify", "--backend", "nope"], "unknown backend 'nope'"),
-    (["verify", "--weights", "/nonexistent.pt"], "weights file not found"),
-])
-def test_usage_errors_exit_2_with_a_message(argv, message, capsys):
+    (["verify", "--weights", "/nonexistent.pt"], "weights file not found: /nonexistent.pt"),
+    (["verify", "--weights", "/"], "/ is a directory"),
+    (["verify", "--weights", __file__], "is not a PyTorch checkpoint"),
+    (["bench", "--model", "resnet18", "resnet50"], "bench times one model per run"),
+    (["bench", "--json", "/nonexistent/folder/out.json"], "folder /nonexistent/folder does not exist"),
+    (["export", "--out", "/nonexistent/folder/m.pt2"], "folder /nonexistent/folder does not exist"),
+    (["export"], "the following arguments are required: --out"),
+]
+
+
+@pytest.mark.parametrize("argv,message", ARGUMENT_ERRORS)
+def test_argument_errors_exit_2_with_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+    line = _one_error_line(capsys)
+    assert line.startswith(f"resnet-fused {argv[0]}: error: ") and message in line, line
+
+
+def test_help_and_argument_errors_import_no_torch():
+    # torch alone takes seconds to import: --help and argument errors must answer without it. A
+    # fresh interpreter, as the console script runs, and a check that torch was never imported.
+    code = (
+        "import sys\n"
+        "import resnet_fused, resnet_fused.cli as cli\n"
+        "assert resnet_fused.__version__\n"
+        f"codes = [cli.main(argv) for argv in {[argv for argv, _ in ARGUMENT_ERRORS]!r}]\n"
+        "codes += [cli.main(['--help']), cli.main(['verify', '--help']), cli.main(['--version'])]\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision', 'timm', 'numpy', 'resnet_fused.ops') if m in sys.modules)\n"
+        "print(codes, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"{[2] * len(ARGUMENT_ERRORS) + [0, 0, 0]} []"
+
+
+def test_package_names_resolve_lazily():
+    code = ("import sys, resnet_fused\n"
+            "assert 'torch' not in sys.modules\n"
+            "from resnet_fused import fuse, fold_bn, ops, available_backends, BackendUnavailableError\n"
+            "assert fuse is resnet_fused.convert.fuse and 'torch' in sys.modules\n"
+            "assert set(resnet_fused.__all__) <= set(dir(resnet_fused))\n"
+            "try:\n    resnet_fused.nonexistent\nexcept AttributeError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "has no attribute 'nonexistent'" in done.stdout
+
+
+def test_names_known_to_the_parser_are_the_packages():
+    assert cli.MODEL_NAMES == tuple(reference.MODELS)
+    assert cli.BACKEND_NAMES == tuple(ops.BACKENDS)
+    assert {name: str(dtype) for name, dtype in cli.DTYPES.items()} == \
+        {name: f"torch.{canonical}" for name, canonical in cli.DTYPE_NAMES.items()}
+
+
+@pytest.fixture
+def no_model_building(monkeypatch):
+    """Mistakes that need torch to see are still found before any model is built."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(reference, "random_model", refuse)
+
+
+class _Unavailable:
+    NAME = "unavailable"
+
+    @staticmethod
+    def unavailable_reason(device_type, dtype):
+        return "it was switched off for this test"
+
+
+def _checkpoint_files(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickle code ran')",))
+
+    files = {"evil": {"x": Evil()}, "list": [torch.ones(2)], "misfit": {"fc.weight": torch.ones(3, 3)}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / f"{name}.pt")
+    torch.save({"w": torch.ones(1000)}, tmp_path / "good.pt")
+    (tmp_path / "damaged.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:200])
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "timm:resnet51"], "timm has no model 'resnet51' (did you mean"),
+    (["--model", "torchvision:resnet51"], "torchvision has no classification model 'resnet51'"),
+    (["--device", "cuda:99"], "device cuda:99 asked for, but"),
+    (["--backend", "unavailable"], "backend 'unavailable' cannot run on cpu with torch.float32: it was switched off"),
+    (["--weights", "{tmp}/evil.pt"], "holds more than tensors and is refused (loaded with weights_only=True"),
+    (["--weights", "{tmp}/list.pt"], "holds a list that is not a state dict of tensors"),
+    (["--weights", "{tmp}/damaged.pt"], "is a damaged or unknown checkpoint: PytorchStreamReader failed"),
+    (["--model", "resnet18", "--weights", "{tmp}/misfit.pt"],
+     "misfit.pt does not fit the model (122 tensors): 121 missing: conv_1.weight, bn_1.weight, bn_1.bias, ...; "
+     "1 of the wrong shape: fc.weight: 3x3 in the file, 1000x512 in the model"),
+])
+@pytest.mark.parametrize("command", ["verify", "bench", "export"])
+def test_errors_found_before_slow_work_exit_2(command, argv, message, tmp_path, add_backend, capsys, no_model_building):
+    add_backend(_Unavailable)
+    argv = [a.format(tmp=_checkpoint_files(tmp_path)) for a in argv]
+    extra = ["--out", str(tmp_path / "m.pt2")] if command == "export" else []
+    # (a misfit checkpoint is found once the model's skeleton exists, built without random_model)
+    assert cli.main([command, *argv, *extra]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"resnet-fused {command}: error: ") and message in line, line
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def test_console_script_module_entry_point():
