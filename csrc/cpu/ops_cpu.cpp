@@ -1,6 +1,12 @@
-// CPU kernels: the fused epilogue (vectorized, parallel) and conv_bias_act through oneDNN's fused
-// post-ops when this ATen has them, else ATen's convolution followed by the epilogue (residual,
-// ReLU) in place.
+// CPU kernels: the fused epilogue (vectorized, parallel) and conv_bias_act through our AVX2
+// kernels, oneDNN's convolution with fused bias and add when this ATen has it, else ATen's
+// convolution, the latter two followed by the epilogue (residual, ReLU) in place.
+//
+// NaN: every path gives eager's NaNs (a NaN or Inf input makes NaN exactly the outputs eager makes
+// NaN, and no others), whichever kernel the per-shape timing picks: ReLUs keep NaN, oneDNN's ReLU
+// post-op (which does not) is never used, and Winograd hands calls with non-finite values to the
+// implicit GEMM (winograd.h). Finite inputs that overflow a sum may differ, as between any two
+// summation orders.
 
 #include "../common.h"
 #include "avx2_gemm.h"
@@ -145,8 +151,8 @@ void epilogue_cpu(
 // are internal to ATen (no public header), absent from builds without oneDNN, and their C++
 // signatures have changed between releases, so they are called boxed.
 struct OneDnn {
-  std::optional<c10::OperatorHandle> unary;   // conv + bias + unary post-op ("relu", "none")
-  std::optional<c10::OperatorHandle> binary;  // conv + bias + binary post-op ("add") + unary
+  std::optional<c10::OperatorHandle> unary;   // conv + bias (+ a unary post-op, "none" here)
+  std::optional<c10::OperatorHandle> binary;  // conv + bias + binary post-op ("add") (+ a unary one)
   std::optional<c10::OperatorHandle> reorder;  // weight -> oneDNN's layout for one input shape
   bool bf16 = false;
   bool fp16 = false;
@@ -183,15 +189,15 @@ const OneDnn& onednn() {
 constexpr const char* kOneDnnEnv = "RESNET_FUSED_ONEDNN_FUSED";
 
 // Whether this call goes through oneDNN's fused post-ops: yes wherever they can compute it, since
-// they run the same oneDNN convolution that at::convolution would pick for these dtypes and save
-// the epilogue's extra pass. RESNET_FUSED_ONEDNN_FUSED=0 turns it off (for comparisons and to test
+// they run the same oneDNN convolution that at::convolution would pick for these dtypes, with the
+// weight prepacked and the bias and add fused. RESNET_FUSED_ONEDNN_FUSED=0 turns it off (for comparisons and to test
 // the other path); torch.backends.mkldnn.enabled=False does too.
-bool use_onednn(const at::Tensor& x, bool has_residual) {
+bool use_onednn(const at::Tensor& x) {
   if (env_switch(kOneDnnEnv) == 0 || !at::globalContext().userEnabledMkldnn()) {
     return false;
   }
   const OneDnn& ops = onednn();
-  if (!(has_residual ? ops.binary : ops.unary).has_value()) {
+  if (!ops.unary.has_value()) {
     return false;
   }
   switch (x.scalar_type()) {
@@ -277,6 +283,14 @@ at::Tensor onednn_weight(
   }
 }
 
+// oneDNN's convolution with the bias, and the residual add where ATen fuses it, as post-ops; the
+// ReLU (and an add ATen would not fuse) then in one pass of our epilogue over the output.
+// WHY not oneDNN's ReLU post-op: it computes max(x, 0) with the operands in the order that turns a
+// NaN into 0 (seen on AVX2 here and on AVX-512), so a corrupted input came out as plausible
+// activations, unlike eager. Its bias and add post-ops keep NaN (IEEE adds on every ISA).
+// WHY the add only where ATen fuses it: elsewhere (groups > 1, or NCHW with an unpacked weight) ATen's
+// binary op runs the convolution and then at::add_relu_, a separate pass anyway and one with no
+// bf16 kernel (it failed on a CPU with AVX512-BF16).
 at::Tensor conv_onednn(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -285,23 +299,27 @@ at::Tensor conv_onednn(
     at::IntArrayRef padding,
     int64_t groups,
     const std::optional<at::Tensor>& residual,
-    bool relu) {
+    bool relu,
+    c10::MemoryFormat format) {
   const OneDnn& ops = onednn();
   const std::vector<int64_t> dilation{1, 1};
   const c10::IValue bias_value = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
   const at::Tensor w = onednn_weight(x, weight, stride, padding, dilation, groups);
+  const bool fused_add = residual.has_value() && ops.binary.has_value() && groups == 1 &&
+      (w.is_mkldnn() || format == c10::MemoryFormat::ChannelsLast);
   torch::jit::Stack stack;
-  if (residual.has_value()) {
-    stack = {x, *residual, w, bias_value, padding.vec(), stride.vec(), dilation, groups,
-             std::string("add"), c10::IValue(), relu ? c10::IValue(std::string("relu")) : c10::IValue(),
-             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+  if (fused_add) {
+    stack = {x, *residual, w, bias_value, padding.vec(), stride.vec(), dilation, groups, std::string("add"),
+             c10::IValue(), c10::IValue(), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.binary->callBoxed(&stack);
   } else {
-    stack = {x, w, bias_value, padding.vec(), stride.vec(), dilation, groups,
-             std::string(relu ? "relu" : "none"), c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+    stack = {x, w, bias_value, padding.vec(), stride.vec(), dilation, groups, std::string("none"),
+             c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     ops.unary->callBoxed(&stack);
   }
-  return stack.at(0).toTensor();
+  at::Tensor out = stack.at(0).toTensor().contiguous(format);
+  conv_epilogue_with(epilogue_cpu, out, std::nullopt, fused_add ? std::nullopt : residual, relu, format);
+  return out;
 }
 
 // ---- Our own AVX2 convolutions and the per-shape choice between them and the direct (oneDNN or
@@ -413,7 +431,13 @@ at::Tensor conv_own(
     r = residual->contiguous(cl);
   }
   if (kernel == Kernel::kWinograd) {
-    winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block);
+    if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block)) {
+      // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
+      // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
+      const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemm);
+      return conv_own(Kernel::kImplicitGemm, x, weight, igemm, bias, stride, padding, residual, relu,
+                      default_block(igemm), out_sizes);
+    }
   } else {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out, block);
   }
@@ -430,8 +454,8 @@ at::Tensor conv_direct(
     const std::optional<at::Tensor>& residual,
     bool relu,
     c10::MemoryFormat format) {
-  if (x.numel() > 0 && use_onednn(x, residual.has_value())) {
-    return conv_onednn(x, weight, bias, stride, padding, groups, residual, relu).contiguous(format);
+  if (x.numel() > 0 && use_onednn(x)) {
+    return conv_onednn(x, weight, bias, stride, padding, groups, residual, relu, format);
   }
   // The bias goes into the convolution: ATen's CPU convolutions add it while accumulating, at no
   // cost and before the output is rounded to a low-precision dtype (as eager does).

@@ -18,6 +18,9 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace resnet_fused {
@@ -86,8 +89,12 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
 }
 
 // A^T m A (2x2 outputs per tile) + bias (+ residual), ReLU, into y for channels [k0, k0 + kc).
-RF_AVX2 void output_transform(const float* m, const Geometry& g, int64_t t0, int64_t count, int64_t k0, int64_t kc,
+// Returns whether any output before the ReLU was Inf or NaN (see conv() in winograd.h for why).
+RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int64_t count, int64_t k0, int64_t kc,
                               const float* bias, const float* residual, bool relu, float* rows, float* y) {
+  // An integer OR of "exponent all ones" keeps the channel loop vectorized (a float reduction
+  // would not be, without -ffast-math).
+  uint32_t nonfinite = 0;
   const int64_t plane = count * kc;
   const float* b = bias + k0;
   for (int64_t u = 0; u < count; ++u) {
@@ -129,11 +136,15 @@ RF_AVX2 void output_transform(const float* m, const Geometry& g, int64_t t0, int
           if (res != nullptr) {
             s += res[ch];
           }
+          uint32_t bits;
+          std::memcpy(&bits, &s, sizeof(bits));
+          nonfinite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
           dst[ch] = (relu && s < 0.f) ? 0.f : s;
         }
       }
     }
   }
+  return nonfinite != 0;
 }
 #endif
 
@@ -169,7 +180,7 @@ at::Tensor transform_weight(const at::Tensor& weight) {
   return u;
 }
 
-void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
           bool relu, const at::Tensor& out, int64_t block) {
 #if RF_HAVE_X86
   const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out.size(1),
@@ -191,6 +202,7 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
   const int64_t panels = g.k / kPanel;
+  std::atomic<bool> nonfinite{false};
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch kept across calls: a fresh multi-megabyte buffer per call costs page faults.
     thread_local std::vector<float> scratch;
@@ -223,9 +235,12 @@ void conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
                           m + f * count * kc + p * kPanel, kc, avx2::Epilogue{});
         }
       }
-      output_transform(m, g, t0, count, kg * kc, kc, bp, rp, relu, rows, yp);
+      if (output_transform(m, g, t0, count, kg * kc, kc, bp, rp, relu, rows, yp)) {
+        nonfinite.store(true, std::memory_order_relaxed);
+      }
     }
   });
+  return !nonfinite.load();
 #else
   TORCH_CHECK(false, "resnet_fused: the Winograd kernel needs an x86-64 CPU");
 #endif
