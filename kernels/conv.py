@@ -12,9 +12,16 @@ Three ways to walk the reduction, picked per shape class (see :mod:`.configs`):
   GEMM over the (N*H*W, C) activation matrix: no spatial decomposition, no boundary masks.
 * ``flat``: with fewer than 16 channels per group (the 3-channel stem, ResNeXt's narrow groups)
   channel blocks would be mostly padding, so the reduction index runs over (r, s, c) jointly.
+
+Split-K (``LaunchConfig.split_k > 1``, a tuning candidate where output tiles alone leave most SMs
+idle): each of ``split_k`` programs per tile sums a contiguous run of the reduction steps into an
+fp32 workspace; :func:`splitk_reduce_kernel` then adds the slices in a fixed order (no atomics, so
+results are deterministic) and applies the bias/residual/ReLU epilogue once.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -35,10 +42,13 @@ def conv_bias_act_kernel(
     swk, swc, swh, sww,
     srn, src, srh, srw,
     MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_C1: tl.constexpr, RELU: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # SPLIT: program_id(2) sums its slice of the reduction steps and stores the fp32 partial sums
+    # to out_ptr[program_id(2)] (an (n_split, M, K_OUT) workspace); splitk_reduce_kernel applies
+    # the epilogue.
     # Output-channel blocks vary fastest so that consecutive programs share one A (activation) tile
     # in L2; the whole weight matrix of a ResNet layer fits in L2 anyway.
     pid = tl.program_id(0)
@@ -72,8 +82,20 @@ def conv_bias_act_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if MODE == 2:
         k_red = KH * KW * C_G
-        for k0 in range(0, k_red, BLOCK_K):
-            kk = k0 + offs_k
+        steps = tl.cdiv(k_red, BLOCK_K)
+    else:
+        c_blocks = tl.cdiv(C_G, BLOCK_K)
+        steps = KH * KW * c_blocks
+    if SPLIT:
+        per_slice = tl.cdiv(steps, tl.num_programs(2))
+        first = tl.program_id(2) * per_slice
+        last = tl.minimum(first + per_slice, steps)
+    else:
+        first = 0
+        last = steps
+    if MODE == 2:
+        for step in range(first, last):
+            kk = step * BLOCK_K + offs_k
             c = kk % C_G
             rs = kk // C_G
             r = rs // KW
@@ -88,8 +110,7 @@ def conv_bias_act_kernel(
                         mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, PRECISION, UPCAST)
     else:
-        c_blocks = tl.cdiv(C_G, BLOCK_K)
-        for t in range(0, KH * KW * c_blocks):
+        for t in range(first, last):
             rs = t // c_blocks
             r = rs // KW
             s = rs % KW
@@ -110,18 +131,64 @@ def conv_bias_act_kernel(
                         mask=c_ok[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(a, b, acc, PRECISION, UPCAST)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + chan_out, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m.to(tl.int64)[:, None] * K_OUT + chan_out[None, :]
+    if SPLIT:
+        out_ptr += tl.program_id(2).to(tl.int64) * M * K_OUT
+    else:
+        acc = _epilogue(acc, bias_ptr, res_ptr, chan_out, mask_n, n, p, q, out_mask, srn, src, srh, srw,
+                        HAS_BIAS, HAS_RES, RES_C1, RELU)
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr, bias_ptr, res_ptr, out_ptr,
+    M, K_OUT, P, Q, N_SPLIT, SLICE,
+    srn, src, srh, srw,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_C1: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Slices are added in a fixed order, without atomics: the result does not depend on scheduling.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < K_OUT
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * K_OUT + offs_n[None, :]
+    ws_ptrs = ws_ptr + offs
+    acc = tl.load(ws_ptrs, mask=mask)
+    for _ in range(1, N_SPLIT):
+        ws_ptrs += SLICE
+        acc += tl.load(ws_ptrs, mask=mask)
+    q = offs_m % Q
+    p = (offs_m // Q) % P
+    n = offs_m // (P * Q)
+    acc = _epilogue(acc, bias_ptr, res_ptr, offs_n, mask_n, n, p, q, mask, srn, src, srh, srw,
+                    HAS_BIAS, HAS_RES, RES_C1, RELU)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, bias_ptr, res_ptr, chan, mask_n, n, p, q, mask, srn, src, srh, srw,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RES_C1: tl.constexpr, RELU: tl.constexpr):
+    """``relu?(acc + bias (+ residual))`` for output pixels (n, p, q) x output channels ``chan``."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + chan, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         res_rows = n.to(tl.int64) * srn + p.to(tl.int64) * srh + q.to(tl.int64) * srw
-        res = tl.load(res_ptr + res_rows[:, None] + (chan_out.to(tl.int64) * src)[None, :], mask=out_mask)
+        if RES_C1:
+            # Channels adjacent in memory: without the stride product the compiler sees the run of
+            # channels as contiguous and loads it in 16-byte vectors.
+            res_cols = chan
+        else:
+            res_cols = chan.to(tl.int64) * src
+        res = tl.load(res_ptr + res_rows[:, None] + res_cols[None, :], mask=mask)
         acc += res.to(tl.float32)
     if RELU:
         # NaN stays NaN, as in torch.relu.
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    out_offs = offs_m.to(tl.int64)[:, None] * K_OUT + chan_out[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    return acc
 
 
 @triton.jit
@@ -152,6 +219,27 @@ def _channels_inner(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+# id(weight) -> (weakref to it, (version, data pointer, shape, strides), its channels_last copy)
+_WEIGHT_COPIES: dict[int, tuple] = {}
+
+
+def _weight_channels_inner(weight: torch.Tensor) -> torch.Tensor:
+    """Like :func:`_channels_inner`, but an NCHW weight is copied once and the copy reused until the
+    weight changes (in place: its version; or its storage, shape or strides), not on every call.
+    Inference tensors keep no version counter, so theirs are copied on every call."""
+    if weight.shape[1] == 1 or weight.stride(1) == 1 or weight.is_inference():
+        return _channels_inner(weight)
+    key = id(weight)
+    state = (weight._version, weight.data_ptr(), weight.shape, weight.stride())
+    entry = _WEIGHT_COPIES.get(key)
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return entry[2]
+    copy = weight.contiguous(memory_format=torch.channels_last)
+    ref = weakref.ref(weight, lambda _, key=key: _WEIGHT_COPIES.pop(key, None))
+    _WEIGHT_COPIES[key] = (ref, state, copy)
+    return copy
+
+
 def shape_class(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> str:
     c_g, kh, kw = weight.shape[1:]
     if c_g < 16:
@@ -162,16 +250,33 @@ def shape_class(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> str:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows PyTorch's convolution TF32 switch (``torch.backends.cudnn.allow_tf32``), as F.conv2d does."""
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    """fp32 follows PyTorch's cuDNN convolution TF32 setting, as F.conv2d does."""
+    if dtype == torch.float32 and not _conv_allows_tf32():
         return "ieee"
     return "tf32"
 
 
-def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
-    """Launch the fused conv; arguments as validated by :func:`resnet_fused.ops.conv_bias_act`."""
+def _conv_allows_tf32() -> bool:
+    # torch >= 2.9 has torch.backends.cudnn.conv.fp32_precision ("tf32", "ieee", or "none", which
+    # reads back already resolved through its parents). Reading the legacy allow_tf32 raises once
+    # the new API made cuDNN's conv and RNN settings differ, so it is read only where the new one
+    # is missing; setting the legacy flag updates the new one.
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision is None:
+        return torch.backends.cudnn.allow_tf32
+    return precision == "tf32"
+
+
+def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, config=None):
+    """Launch the fused conv; arguments as validated by :func:`resnet_fused.ops.conv_bias_act`.
+
+    The launch config is ``config`` when given (tests, compile checks), the interpreter's single
+    config under ``TRITON_INTERPRET=1``, else the tuner's choice (:data:`configs.TUNED`) among
+    :func:`configs.candidates` for this shape, listed only when the tuner has none yet.
+    """
     x = _channels_inner(x)
-    weight = _channels_inner(weight)
+    weight = _weight_channels_inner(weight)
     _, _, h, w = x.shape
     k_out, c_g, kh, kw = weight.shape
     k_g = k_out // groups
@@ -181,28 +286,54 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
     cls = shape_class(x, weight, stride, padding)
     if bias is not None:
         bias = bias.contiguous()
-    res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    if residual is None:
+        res_strides, res_c1 = (0, 0, 0, 0), False
+    else:
+        res_strides = residual.stride()
+        res_c1 = res_strides[1] == 1 or residual.shape[1] == 1
+    precision = dot_precision(x.dtype)
+    epilogue = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, RES_C1=res_c1, RELU=relu)
 
     def launch(cfg: configs.LaunchConfig) -> None:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k_g, cfg.block_n), groups)
-        conv_bias_act_kernel[grid](
-            x, weight, bias, residual, out,
+        split = cfg.split_k > 1
+        tiles = configs.cdiv(m, cfg.block_m) * configs.cdiv(k_g, cfg.block_n)
+        dest = torch.empty((cfg.split_k, m, k_out), device=x.device, dtype=torch.float32) if split else out
+        conv_bias_act_kernel[(tiles, groups, cfg.split_k)](
+            x, weight, bias, residual, dest,
             m, h, w, p, q, c_g, k_g, k_out, kh, kw, stride[0], stride[1], padding[0], padding[1],
             *x.stride(), *weight.stride(), *res_strides,
-            MODE=_MODES[cls],
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu,
-            PRECISION=dot_precision(x.dtype),
+            MODE=_MODES[cls], **epilogue,
+            PRECISION=precision,
             UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+            SPLIT=split,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if split:
+            block_n = min(128, configs.next_power_of_2(k_out))
+            block_m = min(configs.next_power_of_2(m), 4096 // block_n)
+            splitk_reduce_kernel[(configs.cdiv(m, block_m), configs.cdiv(k_out, block_n))](
+                dest, bias, residual, out,
+                m, k_out, p, q, cfg.split_k, m * k_out, *res_strides, **epilogue,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            )
 
     k_chunk = kh * kw * c_g if cls == "flat" else c_g
-    if INTERPRETED:
+    if config is not None:
+        launch(config)
+    elif INTERPRETED:
         launch(configs.interpreter_config(m, k_g, k_chunk))
     else:
-        key = (x.device.index, x.dtype, cls, tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding),
-               groups, dot_precision(x.dtype))
-        candidates = configs.candidates(cls, m, k_g, k_chunk, x.element_size(), configs.shared_memory(x.device))
-        configs.TUNED.run(key, candidates, launch)
+        device = configs.device_info(x.device)
+        # Everything that changes the compiled kernel or its speed: a downsample 1x1 and a residual
+        # 1x1 of one shape, or an NCHW and a channels_last input, are tuned apart.
+        key = (device.name, str(x.dtype), cls, x.shape, x.stride(), weight.shape, weight.stride(), tuple(stride),
+               tuple(padding), groups, bias is not None, None if residual is None else res_strides, relu, precision)
+        configs.TUNED.run(
+            key,
+            lambda: configs.candidates(cls, m, k_g, k_chunk, x.element_size(), device.shared_memory,
+                                       taps=1 if cls == "flat" else kh * kw, groups=groups,
+                                       sm_count=device.sm_count),
+            launch,
+        )
     return out

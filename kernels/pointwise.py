@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
+
 
 @triton.jit
 def bias_residual_act_kernel(
@@ -48,9 +50,9 @@ def _launch(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor |
     m = n * h * w
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     # 4096-element tiles, as wide in C as the tensor allows so that channels_last rows load contiguously.
-    block_c = min(128, triton.next_power_of_2(c))
+    block_c = min(128, configs.next_power_of_2(c))
     block_m = 4096 // block_c
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+    grid = (configs.cdiv(m, block_m), configs.cdiv(c, block_c))
     res_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     bias_residual_act_kernel[grid](
         x, bias, residual, out,

@@ -139,6 +139,30 @@ def test_channels_last_input_is_not_copied():
     assert conv._channels_inner(nchw).is_contiguous(memory_format=torch.channels_last)
 
 
+@needs_triton
+def test_nchw_weight_is_copied_once_until_it_changes():
+    from resnet_fused.kernels import conv
+
+    x, weight, bias, res = conv_inputs(*CONV_CASES["3x3_s1"])
+    assert weight.stride(1) != 1  # NCHW: the kernel wants channels innermost
+    copy = conv._weight_channels_inner(weight)
+    assert copy.is_contiguous(memory_format=torch.channels_last) and torch.equal(copy, weight)
+    assert conv._weight_channels_inner(weight) is copy
+    check_conv(x, weight, bias, res, 1, 1, 1, relu=False)
+    weight.mul_(-2.0)  # in place: the copy must not be served stale
+    assert conv._weight_channels_inner(weight) is not copy
+    check_conv(x, weight, bias, res, 1, 1, 1, relu=False)
+    weight.data = torch.randn_like(weight)
+    check_conv(x, weight, bias, res, 1, 1, 1, relu=False)
+    entries = len(conv._WEIGHT_COPIES)
+    del weight
+    assert len(conv._WEIGHT_COPIES) == entries - 1, "a dead weight's copy is kept alive"
+    with torch.inference_mode():  # no version counter: copied every call, never cached
+        frozen = torch.randn(16, 16, 3, 3, device=DEVICE)
+        assert conv._weight_channels_inner(frozen) is not conv._weight_channels_inner(frozen)
+    assert len(conv._WEIGHT_COPIES) == entries - 1
+
+
 def test_shape_classes():
     from resnet_fused.kernels.conv import shape_class
 
@@ -154,6 +178,39 @@ def test_shape_classes():
     assert cls(16, 16, 1, 1, 0, 1, layout="sliced") == "conv"  # rows do not collapse into one stride
     assert cls(16, 16, 1, 2, 0, 1) == "conv"
     assert cls(16, 16, 3, 1, 1, 1) == "conv"
+
+
+def test_dot_precision_follows_the_new_fp32_precision_api():
+    # Once cudnn.conv.fp32_precision differs from cudnn.rnn's, reading the legacy allow_tf32 raises.
+    from resnet_fused.kernels.conv import dot_precision
+
+    conv_api = getattr(torch.backends.cudnn, "conv", None)
+    if getattr(conv_api, "fp32_precision", None) is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.backends.cudnn.conv.fp32_precision")
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.float16) == "tf32"
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous  # the legacy setter resets conv and rnn alike
+
+
+@needs_triton
+def test_fp32_conv_under_the_new_fp32_precision_api():
+    conv_api = getattr(torch.backends.cudnn, "conv", None)
+    if getattr(conv_api, "fp32_precision", None) is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.backends.cudnn.conv.fp32_precision")
+    previous = torch.backends.cudnn.allow_tf32
+    x, weight, bias, res = conv_inputs(*CONV_CASES["3x3_s1"])
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        check_conv(x, weight, bias, res, 1, 1, 1, relu=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def test_dot_precision_follows_tf32_switch():
@@ -340,41 +397,6 @@ def test_int64_offsets_in_inputs():
     assert proc.returncode == 0 and "ok" in proc.stdout, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
 
 
-def test_tuner_benchmarks_once_per_key():
-    from resnet_fused.kernels.configs import LaunchConfig, Tuner
-
-    benched, launched = [], []
-
-    def bench(fn):
-        fn()
-        benched.append(launched[-1])
-        return {16: 3.0, 32: 1.0, 64: 2.0}[launched[-1].block_m]
-
-    cands = [LaunchConfig(bm, 32, 32, 3, 4) for bm in (16, 32, 64)]
-    tuner = Tuner(bench)
-    for _ in range(3):
-        tuner.run(("shape", 1), cands, launched.append)
-    assert len(benched) == 3
-    assert launched[3:] == [cands[1]] * 3
-    tuner.run(("shape", 2), cands, launched.append)
-    assert len(benched) == 6
-
-
-def test_tuner_skips_configs_that_fail():
-    from resnet_fused.kernels.configs import LaunchConfig, Tuner
-
-    def launch(cfg):
-        if cfg.block_m == 128:
-            raise RuntimeError("out of resources")
-
-    good, bad = LaunchConfig(64, 64, 32, 3, 4), LaunchConfig(128, 128, 64, 3, 8)
-    tuner = Tuner(lambda fn: fn() or 1.0)
-    tuner.run("k", [bad, good], launch)
-    assert tuner.best["k"] == good
-    with pytest.raises(RuntimeError, match="out of resources"):
-        tuner.run("k2", [bad, bad._replace(num_stages=2)], launch)
-
-
 def test_candidates_fit_the_problem():
     from resnet_fused.kernels import configs
 
@@ -387,3 +409,74 @@ def test_candidates_fit_the_problem():
     assert all(c.num_stages * (c.block_m + c.block_n) * c.block_k * 4 <= 164 * 1024 for c in big)
     (tiny,) = configs.candidates("conv", 10**6, 512, 512, 4, 8 * 1024)
     assert tiny.num_stages == 1
+
+
+def test_split_k_candidates_only_where_tiles_leave_sms_idle():
+    from resnet_fused.kernels import configs
+
+    def splits(m, n, k, taps, groups=1, sm_count=132):
+        cands = configs.candidates("conv", m, n, k, 2, 227 * 1024, taps=taps, groups=groups, sm_count=sm_count)
+        assert len(set(cands)) == len(cands)
+        for c in cands:
+            if c.split_k > 1:
+                tiles = configs.cdiv(m, c.block_m) * configs.cdiv(n, c.block_n) * groups
+                assert tiles * c.split_k <= sm_count
+                assert taps * configs.cdiv(k, c.block_k) // c.split_k >= 4  # slices long enough to pipeline
+                assert c._replace(split_k=1) in cands
+        return [c for c in cands if c.split_k > 1]
+
+    assert splits(49, 512, 512, 9)  # resnet50 layer4 3x3 at batch 1: 1-8 tiles, 4608-deep reduction
+    assert splits(8 * 49, 2048, 512, 1)  # layer4 expand 1x1 at batch 8
+    assert not splits(8 * 56 * 56, 64, 64, 9)  # layer1 at batch 8: plenty of tiles
+    assert not splits(49, 512, 512, 9, sm_count=0)  # no device information: no split-K
+    assert not splits(49, 64, 16, 1)  # a one-step reduction has nothing to split
+
+
+# (n, c, h, w, k, kernel, stride, padding, groups) for split-K: every reduction walk, tiny.
+SPLIT_CASES = {
+    "conv_3x3": CONV_CASES["3x3_s2"],
+    "gemm_1x1": CONV_CASES["1x1_s1_gemm"],
+    "flat_stem": CONV_CASES["stem_7x7_s2"],
+    "grouped_3x3": CONV_CASES["grouped_3x3_wide_s2"],
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced_nchw"])  # residual channel stride 1 or not
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_conv_split_k(case, layout, split_k):
+    from resnet_fused.kernels import conv
+    from resnet_fused.kernels.configs import LaunchConfig
+
+    n, c, h, w, k, kernel, stride, padding, groups = SPLIT_CASES[case]
+    x, weight, bias, res = conv_inputs(*SPLIT_CASES[case], layout=layout)
+    cfg = LaunchConfig(16, 16, 16, 1, 4, split_k)
+    args = pair(stride, "stride"), pair(padding, "padding"), groups
+    out = conv.conv_bias_act(x, weight, bias, *args, res, True, config=cfg)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, reference_conv_bias_act(x, weight, bias, stride=stride, padding=padding, groups=groups,
+                                              residual=res))
+    again = conv.conv_bias_act(x, weight, bias, *args, res, True, config=cfg)
+    assert torch.equal(out, again)
+    plain = conv.conv_bias_act(x, weight, None, *args, None, False, config=cfg)
+    assert_close(plain, reference_conv_bias_act(x, weight, None, stride=stride, padding=padding, groups=groups,
+                                                relu=False))
+
+
+@needs_triton
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_conv_nan_propagates_like_eager(split_k):
+    from resnet_fused.kernels import conv
+    from resnet_fused.kernels.configs import LaunchConfig
+
+    x, weight, bias, res = conv_inputs(1, 32, 5, 5, 16, 3, 1, 1, 1)
+    x[0, 5, 2, 3] = float("nan")
+    res[0, 7, 0, 0] = float("nan")
+    cfg = LaunchConfig(16, 16, 16, 1, 4, split_k)
+    out = conv.conv_bias_act(x, weight, bias, (1, 1), (1, 1), 1, res, True, config=cfg)
+    ref = reference_conv_bias_act(x, weight, bias, padding=1, residual=res)
+    assert ref.isnan().any() and not ref.isnan().all()
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN must reach exactly the outputs it reaches in eager"
+    keep = ~ref.isnan()
+    assert_close(out[keep], ref[keep])

@@ -53,7 +53,21 @@ def unavailable_reason(device_type: str, dtype: Optional[torch.dtype]) -> Option
 
 def _device_of(t: torch.Tensor):
     """Launch on the tensor's GPU, not whichever is current: custom ops get no device guard."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call may skip the custom op and run its kernel directly: plain tensors, and nobody
+    tracing or intercepting ops (no torch.compile, export, fake tensors or dispatch/function modes),
+    so the custom op's dispatch would only cost time (measured: more than the rest of the call)."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and all(t is None or type(t) is torch.Tensor for t in tensors)
+    )
 
 
 @torch.library.custom_op("resnet_fused_triton::conv_bias_act", mutates_args=())
@@ -106,14 +120,29 @@ def _(x, bias, relu):
 
 
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
+    if _plain_eager(x, weight, bias, residual):
+        from ..kernels import conv
+
+        with _device_of(x):
+            return conv.conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
     return torch.ops.resnet_fused_triton.conv_bias_act(
         x, weight, bias, list(stride), list(padding), groups, residual, relu
     )
 
 
 def add_relu(x, residual):
+    if _plain_eager(x, residual):
+        from ..kernels import pointwise
+
+        with _device_of(x):
+            return pointwise.add_relu(x, residual)
     return torch.ops.resnet_fused_triton.add_relu(x, residual)
 
 
 def bias_act(x, bias, relu):
+    if _plain_eager(x, bias):
+        from ..kernels import pointwise
+
+        with _device_of(x):
+            return pointwise.bias_act(x, bias, relu)
     return torch.ops.resnet_fused_triton.bias_act(x, bias, relu)
