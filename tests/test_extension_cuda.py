@@ -1,8 +1,11 @@
 """The C++/CUDA extension backend (resnet_fused._C) on the GPU.
 
-Marked ``gpu``: skipped without a CUDA device. fp32 runs with TF32 off (cuDNN would otherwise
-round its inputs to 10 mantissa bits); fp16 and bf16 are judged against the error of the eager
-chain the fused op replaces (conv, then + bias, + residual, ReLU, each rounded to the dtype).
+GPU tests are marked ``gpu``: skipped without a CUDA device. With one, an extension that does not
+load, lacks CUDA kernels or was built for another torch FAILS every one of them with the reason
+(never a quiet skip); run pytest with ``-rs`` to list the reason of every skip that remains. fp32
+runs with TF32 off (cuDNN would otherwise round its inputs to 10 mantissa bits); fp16 and bf16 are
+judged against the error of the eager chain the fused op replaces (conv, then + bias, + residual,
+ReLU, each rounded to the dtype).
 """
 
 from __future__ import annotations
@@ -29,14 +32,54 @@ from test_extension import (
     expected_format,
     make_4d,
     make_conv_case,
-    needs_ext,
 )
 from utils import assert_close, assert_within_eager_error, reference_conv_bias_act
 
-pytestmark = [pytest.mark.gpu, needs_ext]
-
 DEVICE = "cuda"
 LOW_PRECISION = [torch.float16, torch.bfloat16]
+# The profiler name of one fused cuDNN graph call (csrc/cuda/cudnn_graph.cpp).
+FUSED_GRAPH = "resnet_fused::cudnn_conv_bias_act_graph"
+
+
+def cuda_extension_problem() -> str | None:
+    """Why the extension cannot run the tests here on CUDA, or None."""
+    reason = extension.unavailable_reason("cuda", None)
+    if reason is not None:
+        return reason
+    built, running = extension.build_info()["torch"], torch.__version__.split("+")[0]
+    if built != running:
+        return f"resnet_fused._C was built against torch {built}, this is torch {running}; rebuild it"
+    return None
+
+
+def require_cuda_extension() -> None:
+    problem = cuda_extension_problem()
+    if problem is not None:
+        pytest.fail(f"the CUDA extension cannot run: {problem}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def cuda_extension():
+    require_cuda_extension()
+
+
+def gpu(test):
+    """Marks a test as needing the GPU and a working CUDA extension (a failure, not a skip)."""
+    return pytest.mark.gpu(pytest.mark.usefixtures("cuda_extension")(test))
+
+
+def test_load_failure_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(extension, "_LOAD_ERROR", "resnet_fused._C failed to load: undefined symbol: _ZN3c10")
+    with pytest.raises(pytest.fail.Exception, match="cannot run: .*undefined symbol"):
+        require_cuda_extension()
+
+
+def test_build_for_another_torch_fails(monkeypatch):
+    monkeypatch.setattr(extension, "_LOAD_ERROR", None)
+    monkeypatch.setattr(extension, "unavailable_reason", lambda device_type, dtype: None)
+    monkeypatch.setattr(extension, "build_info", lambda: {"torch": "1.0.0", "with_cuda": True})
+    with pytest.raises(pytest.fail.Exception, match="built against torch 1.0.0, this is torch"):
+        require_cuda_extension()
 
 
 @pytest.fixture
@@ -94,12 +137,14 @@ def ops_called(fn):
     return {e.name for e in prof.events()}
 
 
+@gpu
 @pytest.mark.parametrize("name", [name for name, _, _ in _opcheck_samples("cpu")])
 def test_opcheck_cuda(name):
     op, args = next((op, args) for n, op, args in _opcheck_samples(DEVICE) if n == name)
     opcheck(getattr(torch.ops.resnet_fused, op).default, args)
 
 
+@gpu
 @pytest.mark.parametrize("cudnn_fused", ["0"], indirect=True)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("flags", FLAGS)
@@ -111,52 +156,142 @@ def test_conv_cuda(dtype, shape, flags, layout, cudnn_fused, no_tf32):
     check_conv(*make_conv_case(shape, flags, layout, dtype, DEVICE))
 
 
+# (flags, layout) pairs for the forced fused path: every epilogue in the layout the fused engines
+# are made for, and the two ResNet epilogues in NCHW.
+FUSED_CASES = [(flags, "channels_last") for flags in FLAGS] + [("bias_res_relu", "nchw"), ("bias_relu", "nchw")]
+
+
+@gpu
 @pytest.mark.parametrize("cudnn_fused", ["1"], indirect=True)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("flags", ["bias_res_relu", "res_relu", "bias_relu"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("flags, layout", FUSED_CASES)
+@pytest.mark.parametrize("shape", ["stem7x7s2", "3x3s1", "1x1s2", "grouped3x3"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
 def test_conv_cudnn_fused_cuda(dtype, shape, flags, layout, cudnn_fused, no_tf32):
-    """cuDNN's own fused conv+bias+add+ReLU, forced wherever it applies (with a residual and ReLU;
-    bias_relu checks the forced switch leaves the rest unfused). Where cuDNN has no engine for a
-    graph the op falls back to the unfused path with a warning; results must be right either way.
-    A different cuDNN engine than eager's may round differently: factor 3."""
+    """One fused cuDNN call, forced wherever it applies (every conv with an epilogue). Where cuDNN
+    has no engine for a graph the op falls back to the unfused path with a warning; results must
+    be right either way. A different cuDNN engine than eager's may round differently: factor 3."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_conv(*make_conv_case(shape, flags, layout, dtype, DEVICE), factor=3.0)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_cudnn_fused_switch(dtype, monkeypatch):
-    """RESNET_FUSED_CUDNN_FUSED picks the path: 0 = convolution + epilogue, 1 = cuDNN's fused op,
-    auto = the fused op for a ResNet-like half-precision channels_last conv. When the fused op is
-    chosen it must really run fused: neither our fallback (aten::convolution) nor ATen's own
-    unfused fallback inside it (aten::add_) may show up."""
-    g = torch.Generator().manual_seed(0)
+@gpu
+def test_cudnn_graph_available():
+    """The fused graphs need cuDNN's headers at build time (setup.py finds them) and torch's cuDNN
+    at run time; without either every conv silently takes two kernels."""
+    info = extension.build_info()
+    assert info["cudnn_graph"], f"fused cuDNN graphs are off: {info.get('cudnn_graph_reason')}"
+
+
+def resnet_like_case(dtype, flags, seed=0):
+    """A 64-channel 3x3 conv in channels_last: what cuDNN's fused engines are made for."""
+    with_bias, with_residual, relu = FLAGS[flags]
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 64, 14, 14, generator=g).to(DEVICE, dtype, memory_format=torch.channels_last)
     weight = (torch.randn(64, 64, 3, 3, generator=g) / 24).to(DEVICE, dtype)
-    bias = torch.randn(64, generator=g).to(DEVICE, dtype)
-    residual = torch.randn(2, 64, 14, 14, generator=g).to(DEVICE, dtype, memory_format=torch.channels_last)
-    kwargs = dict(stride=1, padding=1, groups=1, residual=residual, relu=True)
-    for setting, fused in (("0", False), ("1", True), ("auto", True)):
-        monkeypatch.setenv(extension.CUDNN_FUSED_ENV, setting)
-        called = ops_called(lambda: call_conv(x, weight, bias, kwargs))
-        if fused:
-            assert "aten::cudnn_convolution_add_relu" in called, (setting, sorted(called))
-            assert "aten::convolution" not in called and "aten::add_" not in called, (
-                f"cuDNN's fused op did not run fused for {dtype} (setting {setting}); the auto rule in "
-                f"csrc/cuda/ops_cuda.cpp is wrong for this GPU/cuDNN: {sorted(called)}"
-            )
-        else:
-            assert "aten::cudnn_convolution_add_relu" not in called and "aten::convolution" in called
-        check_conv(x, weight, bias, kwargs, factor=3.0)
+    bias = torch.randn(64, generator=g).to(DEVICE, dtype) if with_bias else None
+    residual = (torch.randn(2, 64, 14, 14, generator=g).to(DEVICE, dtype, memory_format=torch.channels_last)
+                if with_residual else None)
+    return x, weight, bias, dict(stride=1, padding=1, groups=1, residual=residual, relu=relu)
 
 
-def test_auto_keeps_fp32_unfused(monkeypatch, no_tf32):
-    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "auto")
-    x, weight, bias, kwargs = make_conv_case("3x3s1", "bias_res_relu", "channels_last", torch.float32, DEVICE)
+@gpu
+@pytest.mark.parametrize("flags", ["bias_res_relu", "bias_relu", "bias"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_cudnn_fused_switch(dtype, flags, monkeypatch):
+    """RESNET_FUSED_CUDNN_FUSED=0 runs convolution + epilogue; =1 one fused cuDNN call, which must
+    really be one: neither our fallback (aten::convolution) nor ATen's own unfused fallback
+    (aten::add_) may show up. With a residual and without one (conv + bias + ReLU, and the
+    downsample's conv + bias)."""
+    x, weight, bias, kwargs = resnet_like_case(dtype, flags)
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "0")
     called = ops_called(lambda: call_conv(x, weight, bias, kwargs))
-    assert "aten::convolution" in called and "aten::cudnn_convolution_add_relu" not in called
+    assert FUSED_GRAPH not in called and "aten::convolution" in called, sorted(called)
+    check_conv(x, weight, bias, kwargs)
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "1")
+    called = ops_called(lambda: call_conv(x, weight, bias, kwargs))
+    assert FUSED_GRAPH in called and "aten::convolution" not in called and "aten::add_" not in called, (
+        f"no single fused cuDNN call for {flags} in {dtype} on this GPU/cuDNN: {sorted(called)}")
+    check_conv(x, weight, bias, kwargs, factor=3.0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_auto_times_once_then_keeps_its_choice(dtype, monkeypatch, no_tf32):
+    """auto: the first call of a signature runs both paths (timing them), every later call only the
+    one chosen."""
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "auto")
+    x, weight, bias, kwargs = resnet_like_case(dtype, "bias_relu", seed=1)
+    x = x[:1]  # a signature no other test timed
+    first = ops_called(lambda: call_conv(x, weight, bias, kwargs))
+    later = [ops_called(lambda: call_conv(x, weight, bias, kwargs)) for _ in range(3)]
+    if FUSED_GRAPH in first:  # the graph built: both paths were timed
+        assert "aten::convolution" in first, sorted(first)
+    for called in later:
+        assert (FUSED_GRAPH in called) != ("aten::convolution" in called), sorted(called)
+        assert (FUSED_GRAPH in called) == (FUSED_GRAPH in later[0])
+    check_conv(x, weight, bias, kwargs, factor=3.0)
+
+
+@gpu
+def test_failed_fused_graph_is_not_retried(monkeypatch, no_tf32):
+    """A signature cuDNN builds no fused graph for falls back, and is remembered: later calls go
+    straight to convolution + epilogue. Which signatures fail depends on the GPU and cuDNN, so the
+    test looks for one among convs cuDNN's fused engines are least likely to take (fp32 without
+    TF32, grouped, the 3-channel stem, misaligned views)."""
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "1")
+    candidates = [
+        (shape, layout, dtype)
+        for dtype in (torch.float32, torch.float16)
+        for shape in ("grouped3x3", "stem7x7s2", "3x3s2")
+        for layout in ("nchw", "misaligned")
+    ]
+    failed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for shape, layout, dtype in candidates:
+            x, weight, bias, kwargs = make_conv_case(shape, "bias_relu", layout, dtype, DEVICE, seed=2)
+            first = ops_called(lambda: call_conv(x, weight, bias, kwargs))
+            if FUSED_GRAPH in first and "aten::convolution" in first:  # tried, failed, fell back
+                second = ops_called(lambda: call_conv(x, weight, bias, kwargs))
+                assert FUSED_GRAPH not in second and "aten::convolution" in second, (shape, layout, dtype, sorted(second))
+                check_conv(x, weight, bias, kwargs)
+                failed.append((shape, layout, str(dtype)))
+    if not failed:
+        pytest.xfail("cuDNN built a fused graph for every candidate: the memory of failures is untested on this GPU")
+
+
+@gpu
+@pytest.mark.parametrize("flags", ["bias_relu", "bias", "relu", "bias_res_relu"])
+def test_fused_never_reads_uninitialised_memory(flags, monkeypatch):
+    """The caching allocator hands out blocks just freed: fill them with NaN first. A fused call
+    that scaled an uninitialised addend by 0 (as at::cudnn_convolution_relu does) returns NaN."""
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "1")
+    x, weight, bias, kwargs = resnet_like_case(torch.float16, flags, seed=3)
+    call_conv(x, weight, bias, kwargs)  # plan built, workspace sized
+    for _ in range(3):
+        torch.cuda.synchronize()
+        for numel in (x.numel(), 4 * x.numel(), 1 << 20):
+            torch.full((numel,), float("nan"), device=DEVICE, dtype=torch.float16)
+        out = call_conv(x, weight, bias, kwargs)
+        assert torch.isfinite(out).all(), "the fused conv read uninitialised memory"
+    check_conv(x, weight, bias, kwargs, factor=3.0)
+
+
+@gpu
+def test_auto_never_times_during_capture(monkeypatch):
+    """Timing synchronises, which a capture forbids: a signature first seen during capture takes
+    the default guess untimed (fp32 NCHW: convolution + epilogue), and is timed later, outside."""
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "auto")
+    x, weight, bias, kwargs = make_conv_case("3x3s1", "bias_relu", "nchw", torch.float32, DEVICE, seed=4)
+    x = x[:1].contiguous()  # a signature no other test timed
+    call_conv(*make_conv_case("1x1s1", "bias", "nchw", torch.float32, DEVICE))  # cuDNN handle made
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call_conv(x, weight, bias, kwargs)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, call_conv(x, weight, bias, kwargs))
 
 
 # Sizes for the epilogue kernels: scalar path (C=5, H*W odd), vector path in both layouts (C=24,
@@ -166,6 +301,7 @@ CUDA_EPILOGUE_SHAPES = [(2, 5, 3, 7), (2, 64, 9, 9), (2, 24, 4, 4), (16, 64, 56,
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", CUDA_EPILOGUE_SHAPES, ids=str)
@@ -181,6 +317,7 @@ def test_bias_act_cuda(shape, layout, dtype):
         torch.testing.assert_close(out, epilogue_reference(x, bias, None, relu), rtol=0, atol=0)
 
 
+@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", CUDA_EPILOGUE_SHAPES, ids=str)
@@ -195,6 +332,7 @@ def test_add_relu_cuda(shape, layout, dtype):
     torch.testing.assert_close(out, epilogue_reference(x, None, residual, True), rtol=0, atol=0)
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_misaligned_bias_cuda(dtype):
     """A bias view off 16-byte alignment must push a channels_last epilogue onto the scalar path."""
@@ -204,6 +342,7 @@ def test_misaligned_bias_cuda(dtype):
     torch.testing.assert_close(out, epilogue_reference(x, bias, None, True), rtol=0, atol=0)
 
 
+@gpu
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_relu_keeps_nan_cuda(layout):
     x = make_4d((1, 16, 4, 5), layout, torch.float32, DEVICE)
@@ -212,10 +351,12 @@ def test_relu_keeps_nan_cuda(layout):
     torch.testing.assert_close(out, x.relu(), equal_nan=True)
 
 
-def test_cuda_graph_capture(monkeypatch):
+@gpu
+@pytest.mark.parametrize("cudnn_fused", ["0", "1"], indirect=True)
+def test_cuda_graph_capture(cudnn_fused):
     """Capture only records work queued on the capturing stream: a kernel launched on any other
-    stream fails the capture or is missing from the replay."""
-    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "0")
+    stream fails the capture or is missing from the replay. The fused cuDNN graph (1) runs on
+    torch's current stream through torch's cuDNN handle, so it is captured too."""
     x, weight, bias, kwargs = make_conv_case("3x3s1", "bias_res_relu", "channels_last", torch.float16, DEVICE)
 
     def step():
@@ -238,6 +379,7 @@ def test_cuda_graph_capture(monkeypatch):
     torch.testing.assert_close(captured, step())
 
 
+@gpu
 def test_side_stream_and_device_errors():
     x, weight, bias, kwargs = make_conv_case("1x1s2", "bias_res_relu", "nchw", torch.float32, DEVICE)
     side = torch.cuda.Stream()
@@ -250,6 +392,7 @@ def test_side_stream_and_device_errors():
         call_conv(x, weight.cpu(), bias, kwargs)
 
 
+@gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device():
     x, weight, bias, kwargs = make_conv_case("3x3s2", "bias_res_relu", "channels_last", torch.float16, "cuda:1")
@@ -270,6 +413,7 @@ def resnet50_case():
     return model, x, reference
 
 
+@gpu
 @pytest.mark.parametrize("cudnn_fused", ["0", "auto", "1"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fused_resnet50_cuda(resnet50_case, dtype, cudnn_fused, no_tf32):

@@ -201,6 +201,19 @@ template void launch_epilogue<c10::BFloat16>(const EpilogueArgs<c10::BFloat16>&,
 std::string cuda_build_info() {
   std::string out = "\"cuda\": \"" + std::to_string(CUDART_VERSION / 1000) + "." +
       std::to_string((CUDART_VERSION % 1000) / 10) + "\"";
+  const std::string& graph = cudnn_graph_unavailable();
+  if (graph.empty()) {
+    out += ", \"cudnn_graph\": true";
+  } else {
+    out += ", \"cudnn_graph\": false, \"cudnn_graph_reason\": \"";
+    for (const char c : graph) {
+      if (c == '"' || c == '\\') {
+        out += '\\';
+      }
+      out += c;
+    }
+    out += "\"";
+  }
 #ifdef __CUDA_ARCH_LIST__
 #define RESNET_FUSED_STR2(...) #__VA_ARGS__
 #define RESNET_FUSED_STR(...) RESNET_FUSED_STR2(__VA_ARGS__)

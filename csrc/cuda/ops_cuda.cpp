@@ -1,7 +1,9 @@
-// CUDA kernels: conv_bias_act through cuDNN (plain convolution + our epilogue, or cuDNN's own fused
-// conv+bias+add+ReLU), and the epilogue ops. Host code only, so nvcc compiles just the kernels.
+// CUDA kernels: conv_bias_act through cuDNN (one fused cuDNN call, or cuDNN's convolution + our
+// epilogue kernel, chosen per conv signature), and the epilogue ops. Host code only, so nvcc
+// compiles just the kernels.
 
 #include "../common.h"
+#include "cudnn_graph.h"
 #include "epilogue_cuda.h"
 
 #include <ATen/Context.h>
@@ -9,9 +11,22 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/cudnn_convolution_add_relu.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/hash.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace resnet_fused {
 namespace {
@@ -48,35 +63,191 @@ void epilogue_cuda(
 
 constexpr const char* kCudnnFusedEnv = "RESNET_FUSED_CUDNN_FUSED";
 
-// Whether cuDNN's fused conv + bias + add + ReLU (at::cudnn_convolution_add_relu, a graph on
-// cuDNN's runtime-fusion engines) can compute this call: it needs the residual and the ReLU, has
-// no float64 graphs, and must not override the user's cuDNN or determinism settings (it would
-// allow non-deterministic engines).
-// Its sibling at::cudnn_convolution_relu is never used: it feeds its own uninitialised output
-// buffer to the graph as the addend, scaled by 0, and 0 * (NaN or Inf left in recycled memory) is
-// NaN. Without a residual, cuDNN's convolution + our epilogue is the path.
-bool cudnn_fused_applies(const at::Tensor& x, bool has_residual, bool relu) {
-  const auto& ctx = at::globalContext();
-  return has_residual && relu && x.scalar_type() != at::kDouble &&
-      at::detail::getCUDAHooks().compiledWithCuDNN() && ctx.userEnabledCuDNN() && !ctx.deterministicCuDNN() &&
-      !ctx.deterministicAlgorithms();
+bool allow_tf32_conv() {
+  // Asked for conv alone: the query without an op raises once a user has set conv's and RNN's
+  // fp32 precision differently (torch.backends.cudnn.conv.fp32_precision).
+  return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
 }
 
-// The default choice between cuDNN's fused op and cuDNN's plain convolution + our epilogue.
-// The fused op saves one write and one read of the output. cuDNN's runtime-fusion engines are
-// tensor-core kernels, made for NHWC half/bfloat16 with channel counts that are multiples of 8
-// (every ResNet conv but the stem); for fp32 without TF32 PyTorch filters tensor-core engines
-// out, and for NCHW, the 3-channel stem or grouped convs the fused graph is expected to get a
-// slow engine or none (then the op falls back, below, after a failed attempt). So the default
-// takes the fused op only in the first case. That split is a hypothesis for the benchmark to
-// settle on each GPU: RESNET_FUSED_CUDNN_FUSED=1 takes the fused op wherever it applies, =0
-// never, unset or "auto" follows this rule.
+// Whether one cuDNN call can compute this conv. With our own graph (cudnn_graph.cpp) that is any
+// conv with an epilogue; without it only at::cudnn_convolution_add_relu remains, which needs the
+// residual and the ReLU (its sibling at::cudnn_convolution_relu is never used: it adds its own
+// uninitialised output scaled by 0, and 0 * NaN left in recycled memory is NaN). Never for
+// float64, and never overriding the user's cuDNN or determinism settings (the fused engines may
+// be non-deterministic).
+bool cudnn_fused_applies(const at::Tensor& x, bool has_bias, bool has_residual, bool relu) {
+  const auto& ctx = at::globalContext();
+  if (x.numel() == 0 || x.scalar_type() == at::kDouble || !at::detail::getCUDAHooks().compiledWithCuDNN() ||
+      !ctx.userEnabledCuDNN() || ctx.deterministicCuDNN() || ctx.deterministicAlgorithms()) {
+    return false;
+  }
+  return cudnn_graph_unavailable().empty() ? (has_bias || has_residual || relu) : (has_residual && relu);
+}
+
+// The guess used only where the choice cannot be timed (first seen during CUDA graph capture,
+// where synchronising is illegal): cuDNN's runtime-fusion engines are tensor-core kernels made
+// for NHWC half/bfloat16 with channel counts that are multiples of 8 (every ResNet conv but the
+// stem).
 bool cudnn_fused_preferred(const at::Tensor& x, const at::Tensor& weight, int64_t groups, c10::MemoryFormat format) {
   const auto dtype = x.scalar_type();
   return (dtype == at::kHalf || dtype == at::kBFloat16) && format == c10::MemoryFormat::ChannelsLast &&
       groups == 1 && x.size(1) % 8 == 0 && weight.size(0) % 8 == 0;
 }
 
+// What is known about the fused path for one conv signature: nothing yet, timed faster or slower
+// than convolution + epilogue, or failed (cuDNN has no engine for it: never retried).
+enum class Fused : int8_t { kUnknown, kFaster, kSlower, kFailed };
+
+using ChoiceKey = std::vector<int64_t>;
+
+struct ChoiceKeyHash {
+  size_t operator()(const ChoiceKey& key) const {
+    return c10::get_hash(key);
+  }
+};
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// Alignment is part of the signature: cuDNN may have an engine for aligned data only, and a
+// misaligned view must not make the aligned calls of the same shape give up the fused path.
+ChoiceKey choice_key(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    int64_t groups,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    c10::MemoryFormat format) {
+  const bool all_aligned = aligned16(x) && aligned16(weight) && (!bias.has_value() || aligned16(*bias)) &&
+      (!residual.has_value() || aligned16(*residual));
+  ChoiceKey key{x.get_device(), static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(format), groups,
+                bias.has_value(), residual.has_value(), relu, x.scalar_type() == at::kFloat && allow_tf32_conv(),
+                all_aligned};
+  key.insert(key.end(), x.sizes().begin(), x.sizes().end());
+  key.insert(key.end(), weight.sizes().begin(), weight.sizes().end());
+  key.insert(key.end(), stride.begin(), stride.end());
+  key.insert(key.end(), padding.begin(), padding.end());
+  return key;
+}
+
+// Shared by every thread: a key that failed in one thread is not retried in another.
+class FusedChoices {
+ public:
+  Fused get(const ChoiceKey& key) const {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = choices_.find(key);
+    return found == choices_.end() ? Fused::kUnknown : found->second;
+  }
+  void set(const ChoiceKey& key, Fused choice) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    choices_[key] = choice;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::unordered_map<ChoiceKey, Fused, ChoiceKeyHash> choices_;
+};
+
+FusedChoices& fused_choices() {
+  static auto* choices = new FusedChoices();  // never destroyed: ops may run during exit
+  return *choices;
+}
+
+// A timing event (ATen's CUDAEvent header needs the cuSPARSE/cuBLAS headers, which a minimal CUDA
+// toolkit lacks).
+class TimingEvent {
+ public:
+  TimingEvent() {
+    C10_CUDA_CHECK(cudaEventCreate(&event_));
+  }
+  ~TimingEvent() {
+    cudaEventDestroy(event_);
+  }
+  TimingEvent(const TimingEvent&) = delete;
+  TimingEvent& operator=(const TimingEvent&) = delete;
+  void record(cudaStream_t stream) {
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+  float ms_since(const TimingEvent& start) const {
+    C10_CUDA_CHECK(cudaEventSynchronize(event_));
+    float ms = 0;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+    return ms;
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// Milliseconds per call, the best of a few rounds that alternate between the two paths so that a
+// clock change hits both; every round synchronises, so never during capture.
+std::pair<float, float> time_paths(const std::function<void()>& first, const std::function<void()>& second) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto time_once = [&](const std::function<void()>& fn) {
+    constexpr int kCalls = 2;
+    TimingEvent start;
+    TimingEvent end;
+    start.record(stream);
+    for (int i = 0; i < kCalls; ++i) {
+      fn();
+    }
+    end.record(stream);
+    return end.ms_since(start) / kCalls;
+  };
+  first();  // warm-up: plan building, cuDNN's own algorithm search
+  second();
+  float best_first = std::numeric_limits<float>::infinity();
+  float best_second = best_first;
+  for (int round = 0; round < 5; ++round) {
+    best_first = std::min(best_first, time_once(first));
+    best_second = std::min(best_second, time_once(second));
+  }
+  return {best_first, best_second};
+}
+
+at::Tensor conv_then_epilogue(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    int64_t groups,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    c10::MemoryFormat format) {
+  // The bias rides in the epilogue rather than in at::convolution, whose cuDNN path adds it in a
+  // separate pass over the output: here it shares the pass that residual and ReLU need anyway.
+  at::Tensor out =
+      at::convolution(x, weight, std::nullopt, stride, padding, {1, 1}, false, {0, 0}, groups).contiguous(format);
+  conv_epilogue_with(epilogue_cuda, out, bias, residual, relu, format);
+  return out;
+}
+
+at::Tensor cudnn_fused(
+    const at::Tensor& x,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding,
+    int64_t groups,
+    const std::optional<at::Tensor>& residual,
+    bool relu,
+    c10::MemoryFormat format) {
+  if (cudnn_graph_unavailable().empty()) {
+    return cudnn_conv_bias_act_graph(x, weight, bias, stride, padding, residual, relu, allow_tf32_conv(), format);
+  }
+  return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, {1, 1}, groups)
+      .contiguous(format);
+}
+
+// RESNET_FUSED_CUDNN_FUSED=1 takes the fused call wherever it applies, =0 never; unset or "auto"
+// times it against convolution + epilogue on the first call of each conv signature (shape, dtype,
+// layout, bias, residual, ReLU) and keeps the faster. A signature whose fused call fails (cuDNN has
+// no engine for it) is remembered and goes straight to convolution + epilogue from then on.
 at::Tensor conv_bias_act_cuda(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -89,26 +260,42 @@ at::Tensor conv_bias_act_cuda(
   check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto format = conv_output_format(x, weight);
+  auto unfused = [&] { return conv_then_epilogue(x, weight, bias, stride, padding, groups, residual, relu, format); };
   const int fused_switch = env_switch(kCudnnFusedEnv);
-  if (x.numel() > 0 && fused_switch != 0 && cudnn_fused_applies(x, residual.has_value(), relu) &&
-      (fused_switch == 1 || cudnn_fused_preferred(x, weight, groups, format))) {
-    try {
-      return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, {1, 1}, groups)
-          .contiguous(format);
-    } catch (const c10::Error& e) {
-      // cuDNN has no engine for some fused graphs (it depends on the cuDNN version and GPU); the
-      // unfused path computes the same result.
-      TORCH_WARN_ONCE(
-          "resnet_fused: cuDNN's fused conv+bias+add+ReLU failed, using convolution + epilogue instead: ",
-          e.what_without_backtrace());
-    }
+  if (fused_switch == 0 || !cudnn_fused_applies(x, bias.has_value(), residual.has_value(), relu)) {
+    return unfused();
   }
-  // The bias rides in the epilogue rather than in at::convolution, whose cuDNN path adds it in a
-  // separate pass over the output: here it shares the pass that residual and ReLU need anyway.
-  at::Tensor out =
-      at::convolution(x, weight, std::nullopt, stride, padding, {1, 1}, false, {0, 0}, groups).contiguous(format);
-  conv_epilogue_with(epilogue_cuda, out, bias, residual, relu, format);
-  return out;
+  auto fused = [&] { return cudnn_fused(x, weight, bias, stride, padding, groups, residual, relu, format); };
+  const ChoiceKey key = choice_key(x, weight, bias, stride, padding, groups, residual, relu, format);
+  Fused choice = fused_choices().get(key);
+  if (choice == Fused::kFailed) {
+    return unfused();
+  }
+  try {
+    if (fused_switch == 1) {
+      return fused();
+    }
+    if (choice == Fused::kUnknown) {
+      if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+        return cudnn_fused_preferred(x, weight, groups, format) ? fused() : unfused();
+      }
+      const auto [fused_ms, unfused_ms] = time_paths([&] { fused(); }, [&] { unfused(); });
+      choice = fused_ms <= unfused_ms ? Fused::kFaster : Fused::kSlower;
+      fused_choices().set(key, choice);
+    }
+    return choice == Fused::kFaster ? fused() : unfused();
+  } catch (const c10::OutOfMemoryError&) {
+    throw;  // says nothing about the fused path
+  } catch (const std::exception& e) {
+    // cuDNN has no engine for some fused graphs (it depends on the cuDNN version and the GPU), and
+    // reports it as c10::Error from ATen or as a std::runtime_error from its graph API.
+    fused_choices().set(key, Fused::kFailed);
+    TORCH_WARN_ONCE(
+        "resnet_fused: cuDNN's fused conv failed, using convolution + epilogue for this and every later call of "
+        "the same signature: ",
+        e.what());
+  }
+  return unfused();
 }
 
 at::Tensor bias_act_cuda(const at::Tensor& x, const at::Tensor& bias, bool relu) {
