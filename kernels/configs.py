@@ -84,6 +84,8 @@ def _fit(block: int, size: int) -> int:
 # enough to pipeline: ResNet's layers 3-4 at batch 1-8 launch 2-16 output tiles over 1024-4608 deep
 # reductions on a 132-SM GPU.
 _SPLIT_MIN_STEPS = 4
+# Split-K twins of the first (most preferred) configs only: each is one more kernel to compile.
+_SPLIT_MAX_CANDIDATES = 2
 
 
 def _split_k(cfg: LaunchConfig, m: int, n: int, k: int, taps: int, groups: int, sm_count: int) -> int:
@@ -101,8 +103,8 @@ def candidates(cls: str, m: int, n: int, k: int, element_size: int, smem_bytes: 
     """Candidate configs of shape class ``cls`` for ``groups`` (m x taps*k) @ (taps*k x n) problems.
 
     ``k`` is the reduction per step (a tap's channels; the whole reduction for "flat", with
-    ``taps=1``). With the device's ``sm_count``, configs whose output tiles leave most SMs idle get
-    a split-K twin as well; without it (0) no split-K is proposed.
+    ``taps=1``). With the device's ``sm_count``, the first two configs whose output tiles leave most
+    SMs idle get a split-K twin as well; without it (0) no split-K is proposed.
     """
     fitted = []
     for c in _CANDIDATES[cls]:
@@ -117,7 +119,7 @@ def candidates(cls: str, m: int, n: int, k: int, element_size: int, smem_bytes: 
     splits = []
     for cfg in fits:
         split = _split_k(cfg, m, n, k, taps, groups, sm_count)
-        if split > 1:
+        if split > 1 and len(splits) < _SPLIT_MAX_CANDIDATES:
             splits.append(cfg._replace(split_k=split))
     return fits + splits
 

@@ -98,7 +98,17 @@ def test_automatic_choice_on_cuda_is_triton(monkeypatch):
         assert ops.resolve_backend(None, "cuda", dtype) == "triton"
 
 
-def test_autotunes_once_per_shape(monkeypatch):
+@pytest.fixture
+def fresh_tuner(monkeypatch, tmp_path):
+    """A tuner with nothing tuned and its disk cache in a temporary directory."""
+    from resnet_fused.kernels import configs
+
+    tuner = configs.Tuner(cache=configs.DiskCache(str(tmp_path)))
+    monkeypatch.setattr(configs, "TUNED", tuner)
+    return tuner
+
+
+def test_autotunes_once_per_shape(monkeypatch, fresh_tuner):
     from resnet_fused.kernels import configs
 
     benched = []
@@ -116,6 +126,99 @@ def test_autotunes_once_per_shape(monkeypatch):
     for _ in range(3):
         assert torch.equal(ops.conv_bias_act(x, weight, bias, padding=1, backend="triton"), first)
     assert len(benched) == tuned
+
+
+def test_tuned_configs_serve_the_next_process(tmp_path):
+    # A second process with the same cache directory runs without timing anything.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch
+        from resnet_fused import ops
+        from resnet_fused.kernels import configs
+        timed = []
+        real = configs._do_bench
+        configs._do_bench = lambda fn: timed.append(1) or real(fn)
+        x = torch.randn(2, 64, 9, 9, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(96, 64, 3, 3, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        ops.conv_bias_act(x, w, None, padding=1, backend="triton")
+        torch.cuda.synchronize()
+        print("timed", len(timed))
+    """)
+    env = dict(__import__("os").environ, RESNET_FUSED_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    timed = [int(run.stdout.split()[-1]) for run in runs]
+    assert timed[0] > 1 and timed[1] == 0, timed
+
+
+# Layers that launch few output tiles at batch 1-8, where split-K is proposed on a 132-SM GPU.
+DEEP_LAYERS = [("layer3_3x3", 1), ("layer3_3x3", 8), ("layer4_3x3_s2", 1), ("layer4_3x3_s2", 8),
+               ("layer4_expand_1x1_residual", 1), ("layer4_expand_1x1_residual", 8),
+               ("resnext50_layer4_grouped_3x3_s2", 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer,batch", DEEP_LAYERS)
+def test_split_k_deep_layers(layer, batch, dtype):
+    from resnet_fused.kernels import configs, conv
+
+    c, h, w, k, kernel, stride, padding, groups, residual = RESNET50_LAYERS[layer]
+    x, weight, bias, res = layer_inputs(batch, c, h, w, k, kernel, stride, padding, groups, residual, dtype)
+    p, q = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+    device = configs.device_info(x.device)
+    k_chunk = c // groups
+    cands = configs.candidates("gemm" if kernel == 1 and stride == 1 else "conv", batch * p * q, k // groups, k_chunk,
+                               x.element_size(), device.shared_memory, taps=kernel * kernel, groups=groups,
+                               sm_count=device.sm_count)
+    splits = [cfg for cfg in cands if cfg.split_k > 1]
+    assert splits, f"no split-K candidate for {layer} at batch {batch}"
+    ref = reference_conv_bias_act(x, weight, bias, stride=stride, padding=padding, groups=groups, residual=res)
+    args = (stride, stride), (padding, padding), groups, res, True
+    for cfg in splits:
+        out = conv.conv_bias_act(x, weight, bias, *args, config=cfg)
+        assert_close(out, ref, dtype)
+        assert torch.equal(conv.conv_bias_act(x, weight, bias, *args, config=cfg), out), "split-K is not deterministic"
+
+
+def test_split_k_keeps_nan_like_eager():
+    from resnet_fused.kernels import configs, conv
+
+    x, weight, bias, res = layer_inputs(1, *RESNET50_LAYERS["layer4_expand_1x1_residual"], torch.float16)
+    x[0, 7, 3, 3] = float("nan")
+    res[0, 100, 0, 0] = float("nan")
+    out = conv.conv_bias_act(x, weight, bias, (1, 1), (0, 0), 1, res, True,
+                             config=configs.LaunchConfig(32, 64, 128, 3, 4, 8))
+    eager = torch_backend.conv_bias_act(x, weight, bias, (1, 1), (0, 0), 1, res, True)
+    assert torch.equal(out.isnan(), eager.isnan()) and eager.isnan().any()
+
+
+def test_no_timing_inside_cuda_graph_capture(fresh_tuner):
+    from resnet_fused.kernels import configs, conv
+
+    c, h, w, k, kernel, stride, padding, groups, residual = RESNET50_LAYERS["layer3_3x3"]
+    x, weight, bias, _ = layer_inputs(1, c, h, w, k, kernel, stride, padding, groups, residual, torch.float16)
+    device = configs.device_info(x.device)
+    first = configs.candidates("conv", 14 * 14, k, c, 2, device.shared_memory, taps=9, sm_count=device.sm_count)[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled before capture, as any warm-up would
+        conv.conv_bias_act(x, weight, bias, (1, 1), (1, 1), 1, None, True, config=first)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.conv_bias_act(x, weight, bias, padding=1, backend="triton")
+    assert not fresh_tuner.best, "an untimed choice made during capture was stored as tuned"
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, reference_conv_bias_act(x, weight, bias, padding=1), torch.float16)
+    ops.conv_bias_act(x, weight, bias, padding=1, backend="triton")  # outside capture: tuned now
+    assert len(fresh_tuner.best) == 1
 
 
 def test_fused_resnet50():
