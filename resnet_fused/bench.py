@@ -16,6 +16,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -226,7 +227,9 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     # The TorchScript-based exporter (dynamo=False) at opset 17: what the ONNX Runtime and OpenVINO
     # numbers in the field were measured with, and it needs no onnxscript.
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # The exporter is chosen on purpose (above); its deprecation warnings only repeat that.
+        warnings.simplefilter("ignore", DeprecationWarning)
         path = os.path.join(folder, "model.onnx")
         torch.onnx.export(model, (example.detach().to(device="cpu", dtype=torch.float32),), path, dynamo=False,
                           opset_version=17, input_names=["images"], output_names=["logits"])

@@ -141,20 +141,37 @@ def test_time_interleaved_times_every_variant_each_round():
 
 
 def test_interleaved_script(tmp_path):
+    # OpenVINO is made to look not installed (an import of it fails), to see the note it leaves;
+    # ONNX Runtime runs when installed.
+    script = ("import runpy, sys; sys.modules['openvino'] = None; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1", "--size", "32",
-         "--rounds", "1", "--runs", "2", "--out", str(tmp_path)],
+        [sys.executable, "-c", script, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1",
+         "--size", "32", "--rounds", "1", "--runs", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    note = "OpenVINO skipped: openvino is not installed (pip install 'resnet-fused[peers]')"
+    assert f"note: {note}" in result.stderr
+    ort = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
     result = json.loads((tmp_path / "interleaved.json").read_text())
     rows, summary = result["rows"], result["summary"]
+    assert note in result["notes"] and (ort or any("ONNX Runtime skipped" in n for n in result["notes"]))
     variants = {"eager", "torch.compile", "fused onednn", "fused extension", "fused extension, own kernels off"}
-    assert {r["variant"] for r in rows} == variants and sorted(r["run"] for r in rows) == [0] * 5 + [1] * 5
+    variants |= {"ONNX Runtime"} if ort else set()
+    assert {r["variant"] for r in rows} == variants and sorted(r["run"] for r in rows) == [0] * len(variants) + [1] * len(variants)
     assert all(r["median_ms"] > 0 and r["rel_error"] < 1e-4 for r in rows)
     assert {s["variant"] for s in summary} == variants and all(s["runs"] == 2 for s in summary)
     for s in summary:
         runs = [r for r in rows if r["variant"] == s["variant"]]
-        lo, hi = s["vs_compile_range"]
-        assert lo == min(r["vs_compile"] for r in runs) <= s["vs_compile"] <= hi == max(r["vs_compile"] for r in runs)
-    assert (tmp_path / "interleaved.md").read_text().count("| resnet18 | 1 |") == len(summary)
+        for ratio in ("vs_compile", "vs_best_peer"):
+            lo, hi = s[ratio + "_range"]
+            assert lo == min(r[ratio] for r in runs) <= s[ratio] <= hi == max(r[ratio] for r in runs)
+    for r in rows:
+        peers = [p["median_ms"] for p in rows if p["run"] == r["run"] and p["kind"] in ("compile", "peer")]
+        assert r["vs_best_peer"] == pytest.approx(min(peers) / r["median_ms"])
+    text = (tmp_path / "interleaved.md").read_text()
+    assert text.count("| resnet18 | 1 |") == len(summary) + 1  # the overview's row and one per variant
+    overview = next(line for line in text.splitlines() if line.startswith("| model | batch | eager |"))
+    assert ("| ONNX Runtime |" in overview) == ort and "OpenVINO" not in overview
+    assert f"Note: {note}." in text and result["environment"]["cpu_model"] in text

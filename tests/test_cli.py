@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from resnet_fused import cli, ops, reference
+from resnet_fused import bench, cli, ops, reference
 from resnet_fused.backends import torch_backend
 
 
@@ -71,6 +72,40 @@ def test_bench_writes_json(tmp_path, capsys):
     for r in record["results"]:
         assert r["median_ms"] > 0 and len(r["times_ms"]) == 2 and r["rel_error_vs_fp64"] < 1e-4
     assert record["environment"]["torch"] == torch.__version__
+
+
+def _installed(*modules) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+@pytest.mark.parametrize("blocked", [None, "onnxruntime"])
+def test_bench_peers(blocked, tmp_path, monkeypatch, capsys):
+    if blocked:
+        monkeypatch.setitem(sys.modules, blocked, None)  # what an import of a package not installed does
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--model", "resnet18", "--size", "32", "--batch", "2", "--repeat", "2", "--warmup", "1",
+            "--backend", "torch", "--peers", "--json", str(path), "--no-progress"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    record = json.loads(path.read_text())
+    results = {r["variant"]: r for r in record["results"]}
+    expected = {"ONNX Runtime": "onnxruntime", "OpenVINO f32": "openvino"}
+    for variant, module in expected.items():
+        if module != blocked and _installed("onnx", module):
+            r = results[variant]
+            assert r["kind"] == "peer" and r["median_ms"] > 0 and r["rel_error_vs_fp64"] < 1e-4
+            assert record["environment"][module] and f"| {variant}" in captured.out
+        else:
+            assert variant not in results
+            label = variant.split(" f32")[0]
+            note = f"{label} skipped: {module} is not installed (pip install 'resnet-fused[peers]')"
+            assert note in record["notes"] and f"note: {note}" in captured.err
+    peers = [r for r in record["results"] if r["kind"] == "peer"]
+    best = min(r["median_ms"] for r in peers) if peers else None
+    for r in record["results"]:
+        assert r["speedup_vs_best_peer"] == (pytest.approx(best / r["median_ms"]) if best else None)
+    env = record["environment"]
+    assert env["cpu_model"] and set(env["cpu_flags"]) <= set(bench.ISA_FLAGS)
 
 
 def test_weights_file_round_trip_and_untrusted_pickle(tmp_path, capsys):
