@@ -5,6 +5,13 @@ and Hopper: 64-128 wide M/N tiles, K tiles of 32-64 (a whole ResNet channel bloc
 steps), 3-4 pipeline stages, 4 warps, 8 for the 128x128 tiles (one warpgroup per 64 rows on
 Hopper). Each is clamped to the problem (no 128-wide output-channel tile for a 64-channel layer,
 no 64-deep K tile for 16 channels) and dropped when its pipeline would not fit in shared memory.
+Where a layer's output tiles leave most of the GPU's SMs idle (deep layers at batch 1-8), the two
+most preferred configs also get a split-K twin.
+
+The tuner (:data:`TUNED`) times the candidates once per key (device name, dtype, shapes, strides,
+every kernel constexpr) and keeps the winner in memory and in an on-disk cache
+(:class:`DiskCache`, ``$RESNET_FUSED_CACHE_DIR``), so the next process does not time them again.
+``RESNET_FUSED_AUTOTUNE=0`` takes the first candidate without timing.
 """
 
 from __future__ import annotations
@@ -301,7 +308,8 @@ class DiskCache:
             warnings.warn(f"resnet_fused: ignoring unreadable autotune cache {path} ({e})", AutotuneCacheWarning,
                           stacklevel=3)
             return {}
-        if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT or data.get("triton") != triton.__version__:
+        if (not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT
+                or data.get("triton") != triton.__version__):
             found = (data.get("format"), data.get("triton")) if isinstance(data, dict) else type(data).__name__
             warnings.warn(f"resnet_fused: ignoring autotune cache {path}: written by another format or Triton "
                           f"version ({found}, expected ({_CACHE_FORMAT}, {triton.__version__!r}))",

@@ -277,6 +277,7 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
     """
     x = _channels_inner(x)
     weight = _weight_channels_inner(weight)
+    x_strides, w_strides = x.stride(), weight.stride()
     _, _, h, w = x.shape
     k_out, c_g, kh, kw = weight.shape
     k_g = k_out // groups
@@ -301,7 +302,7 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
         conv_bias_act_kernel[(tiles, groups, cfg.split_k)](
             x, weight, bias, residual, dest,
             m, h, w, p, q, c_g, k_g, k_out, kh, kw, stride[0], stride[1], padding[0], padding[1],
-            *x.stride(), *weight.stride(), *res_strides,
+            *x_strides, *w_strides, *res_strides,
             MODE=_MODES[cls], **epilogue,
             PRECISION=precision,
             UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
@@ -326,8 +327,8 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
     else:
         device = configs.device_info(x.device)
         # Everything that changes the compiled kernel or its speed: a downsample 1x1 and a residual
-        # 1x1 of one shape, or an NCHW and a channels_last input, are tuned apart.
-        key = (device.name, str(x.dtype), cls, x.shape, x.stride(), weight.shape, weight.stride(), tuple(stride),
+        # 1x1 of one shape, or inputs of one shape with other strides, are tuned apart.
+        key = (device.name, str(x.dtype), cls, x.shape, x_strides, weight.shape, w_strides, tuple(stride),
                tuple(padding), groups, bias is not None, None if residual is None else res_strides, relu, precision)
         configs.TUNED.run(
             key,

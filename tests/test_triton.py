@@ -288,6 +288,31 @@ def test_opcheck_pointwise(layout):
 
 
 @needs_triton
+def test_eager_calls_skip_the_custom_op_but_dispatch_modes_still_see_it():
+    # Plain eager calls run the kernel directly (the custom op's dispatch cost more host time than
+    # the rest of the call); anything intercepting ops must still see the op, not its insides.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, weight, bias, res = conv_inputs(*CONV_CASES["1x1_s1_gemm"])
+    eager = ops.conv_bias_act(x, weight, bias, residual=res, backend="triton")
+    with Record() as rec:
+        seen = ops.conv_bias_act(x, weight, bias, residual=res, backend="triton")
+        ops.add_relu(x, x, backend="triton")
+    assert "resnet_fused_triton.conv_bias_act.default" in rec.ops
+    assert "resnet_fused_triton.add_relu.default" in rec.ops
+    assert torch.equal(seen, eager)
+
+
+@needs_triton
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_torch_compile_fullgraph():
     x, weight, bias, res = conv_inputs(2, 16, 7, 7, 16, 3, 1, 1, 1)

@@ -58,16 +58,31 @@ def _device_of(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _kernels():
+    """resnet_fused.kernels with its conv and pointwise modules, imported on first use (it imports triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from .. import kernels
+        from ..kernels import conv, pointwise  # noqa: F401
+
+        _KERNELS = kernels
+    return _KERNELS
+
+
+_KERNELS = None
+
+
 def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call may skip the custom op and run its kernel directly: plain tensors, and nobody
     tracing or intercepting ops (no torch.compile, export, fake tensors or dispatch/function modes),
     so the custom op's dispatch would only cost time (measured: more than the rest of the call)."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and all(t is None or type(t) is torch.Tensor for t in tensors)
-    )
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    return True
 
 
 @torch.library.custom_op("resnet_fused_triton::conv_bias_act", mutates_args=())
@@ -121,10 +136,8 @@ def _(x, bias, relu):
 
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
     if _plain_eager(x, weight, bias, residual):
-        from ..kernels import conv
-
         with _device_of(x):
-            return conv.conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
+            return _kernels().conv.conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
     return torch.ops.resnet_fused_triton.conv_bias_act(
         x, weight, bias, list(stride), list(padding), groups, residual, relu
     )
@@ -132,17 +145,13 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
 
 def add_relu(x, residual):
     if _plain_eager(x, residual):
-        from ..kernels import pointwise
-
         with _device_of(x):
-            return pointwise.add_relu(x, residual)
+            return _kernels().pointwise.add_relu(x, residual)
     return torch.ops.resnet_fused_triton.add_relu(x, residual)
 
 
 def bias_act(x, bias, relu):
     if _plain_eager(x, bias):
-        from ..kernels import pointwise
-
         with _device_of(x):
-            return pointwise.bias_act(x, bias, relu)
+            return _kernels().pointwise.bias_act(x, bias, relu)
     return torch.ops.resnet_fused_triton.bias_act(x, bias, relu)
