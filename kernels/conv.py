@@ -22,6 +22,7 @@ results are deterministic) and applies the bias/residual/ReLU epilogue once.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -268,6 +269,56 @@ def _conv_allows_tf32() -> bool:
     return precision == "tf32"
 
 
+class _Plan(NamedTuple):
+    """Everything about a call that follows from its signature (shapes, strides, dtype, options)."""
+
+    key: tuple  # the tuner's key, less the device name
+    out_shape: tuple
+    scalars: tuple  # the kernel's size arguments, M through PW
+    constexprs: dict  # MODE and the epilogue's
+    precision: str
+    cls: str
+    k_chunk: int
+    taps: int
+
+
+# Call signature -> _Plan. Small (a ResNet has a couple of dozen conv signatures); the cap only
+# guards a process that sweeps shapes.
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(x, weight, bias, residual, stride, padding, groups, relu, x_strides, w_strides, res_strides) -> _Plan:
+    precision = dot_precision(x.dtype)
+    stride, padding = tuple(stride), tuple(padding)
+    signature = (x.shape, x_strides, weight.shape, w_strides, x.dtype, stride, padding, groups, bias is None,
+                 res_strides, relu, precision)
+    plan = _PLANS.get(signature)
+    if plan is not None:
+        return plan
+    _, _, h, w = x.shape
+    k_out, c_g, kh, kw = weight.shape
+    k_g = k_out // groups
+    batch, _, p, q = out_shape = conv_output_shape(x.shape, weight.shape, stride, padding)
+    cls = shape_class(x, weight, stride, padding)
+    constexprs = dict(
+        MODE=_MODES[cls], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        RES_C1=residual is not None and (res_strides[1] == 1 or residual.shape[1] == 1), RELU=relu,
+    )
+    # Everything that changes the compiled kernel or its speed: a downsample 1x1 and a residual 1x1
+    # of one shape, or inputs of one shape with other strides, are tuned apart.
+    key = (str(x.dtype), cls, x.shape, x_strides, weight.shape, w_strides, stride, padding, groups, bias is not None,
+           res_strides, relu, precision)
+    scalars = (batch * p * q, h, w, p, q, c_g, k_g, k_out, kh, kw, *stride, *padding)
+    flat = cls == "flat"
+    plan = _Plan(key, out_shape, scalars, constexprs, precision, cls, kh * kw * c_g if flat else c_g,
+                 1 if flat else kh * kw)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[signature] = plan
+    return plan
+
+
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, config=None):
     """Launch the fused conv; arguments as validated by :func:`resnet_fused.ops.conv_bias_act`.
 
@@ -278,22 +329,13 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
     x = _channels_inner(x)
     weight = _weight_channels_inner(weight)
     x_strides, w_strides = x.stride(), weight.stride()
-    _, _, h, w = x.shape
-    k_out, c_g, kh, kw = weight.shape
-    k_g = k_out // groups
-    batch, _, p, q = out_shape = conv_output_shape(x.shape, weight.shape, stride, padding)
-    m = batch * p * q
-    out = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    cls = shape_class(x, weight, stride, padding)
+    res_strides = None if residual is None else residual.stride()
     if bias is not None:
         bias = bias.contiguous()
-    if residual is None:
-        res_strides, res_c1 = (0, 0, 0, 0), False
-    else:
-        res_strides = residual.stride()
-        res_c1 = res_strides[1] == 1 or residual.shape[1] == 1
-    precision = dot_precision(x.dtype)
-    epilogue = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, RES_C1=res_c1, RELU=relu)
+    plan = _plan(x, weight, bias, residual, stride, padding, groups, relu, x_strides, w_strides, res_strides)
+    m, _, _, p, q, _, k_g, k_out = plan.scalars[:8]
+    out = torch.empty(plan.out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    kernel_res_strides = res_strides or (0, 0, 0, 0)
 
     def launch(cfg: configs.LaunchConfig) -> None:
         split = cfg.split_k > 1
@@ -301,10 +343,9 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
         dest = torch.empty((cfg.split_k, m, k_out), device=x.device, dtype=torch.float32) if split else out
         conv_bias_act_kernel[(tiles, groups, cfg.split_k)](
             x, weight, bias, residual, dest,
-            m, h, w, p, q, c_g, k_g, k_out, kh, kw, stride[0], stride[1], padding[0], padding[1],
-            *x_strides, *w_strides, *res_strides,
-            MODE=_MODES[cls], **epilogue,
-            PRECISION=precision,
+            *plan.scalars, *x_strides, *w_strides, *kernel_res_strides,
+            **plan.constexprs,
+            PRECISION=plan.precision,
             UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
             SPLIT=split,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -313,28 +354,24 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
         if split:
             block_n = min(128, configs.next_power_of_2(k_out))
             block_m = min(configs.next_power_of_2(m), 4096 // block_n)
+            constexprs = plan.constexprs
             splitk_reduce_kernel[(configs.cdiv(m, block_m), configs.cdiv(k_out, block_n))](
                 dest, bias, residual, out,
-                m, k_out, p, q, cfg.split_k, m * k_out, *res_strides, **epilogue,
-                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                m, k_out, p, q, cfg.split_k, m * k_out, *kernel_res_strides,
+                HAS_BIAS=constexprs["HAS_BIAS"], HAS_RES=constexprs["HAS_RES"], RES_C1=constexprs["RES_C1"],
+                RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
             )
 
-    k_chunk = kh * kw * c_g if cls == "flat" else c_g
     if config is not None:
         launch(config)
     elif INTERPRETED:
-        launch(configs.interpreter_config(m, k_g, k_chunk))
+        launch(configs.interpreter_config(m, k_g, plan.k_chunk))
     else:
         device = configs.device_info(x.device)
-        # Everything that changes the compiled kernel or its speed: a downsample 1x1 and a residual
-        # 1x1 of one shape, or inputs of one shape with other strides, are tuned apart.
-        key = (device.name, str(x.dtype), cls, x.shape, x_strides, weight.shape, w_strides, tuple(stride),
-               tuple(padding), groups, bias is not None, None if residual is None else res_strides, relu, precision)
         configs.TUNED.run(
-            key,
-            lambda: configs.candidates(cls, m, k_g, k_chunk, x.element_size(), device.shared_memory,
-                                       taps=1 if cls == "flat" else kh * kw, groups=groups,
-                                       sm_count=device.sm_count),
+            (device.name, *plan.key),
+            lambda: configs.candidates(plan.cls, m, k_g, plan.k_chunk, x.element_size(), device.shared_memory,
+                                       taps=plan.taps, groups=groups, sm_count=device.sm_count),
             launch,
         )
     return out
