@@ -113,8 +113,24 @@ def _resolve(requested: str | None, device_type: str, dtype: torch.dtype) -> str
     raise BackendUnavailableError(f"no backend can run on {device_type} with {dtype}: {'; '.join(skipped)}")
 
 
+def _constant_when_traced(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without its cost: that call only sets this
+    attribute, but it imports torch._dynamo first (3-7 s here), and ``import resnet_fused`` must stay
+    fast. tests/test_compile_export.py checks that torch still marks functions this way."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+# Under torch.compile the choice is made once, when Dynamo traces the op (it calls this function
+# instead of tracing it), and the graph calls the chosen backend's op: what decides it
+# (availability probes, the environment, the cache) is host-side Python that Dynamo cannot trace
+# (a probe returns a non-tensor) and need not.
+@_constant_when_traced
 def resolve_backend(backend: str | None, device: torch.device | str, dtype: torch.dtype) -> str:
-    """Name of the backend an op will use: ``backend``, else ``$RESNET_FUSED_BACKEND``, else automatic."""
+    """Name of the backend an op will use: ``backend``, else ``$RESNET_FUSED_BACKEND``, else automatic.
+
+    A compiled or exported model keeps the backend chosen when it was traced.
+    """
     requested = backend or os.environ.get(ENV_VAR) or None
     if requested == "auto":
         requested = None
@@ -241,12 +257,17 @@ def conv_bias_act(
     b_meta = None if bias is None else _meta("bias", bias)
     r_meta = None if residual is None else _meta("residual", residual)
     args = (x_meta, w_meta, b_meta, _hashable(stride), _hashable(padding), groups, r_meta)
-    try:
-        hash(args)
-    except TypeError:  # arguments of unusual types: checked (and refused) without the cache
+    if torch.compiler.is_compiling():
+        # Traced once per graph, so the cache saves nothing there; and Dynamo refuses hash() of a
+        # tuple (torch 2.11), while export's symbolic sizes are unhashable.
         out_shape, stride, padding = _check_conv(*args)
     else:
-        out_shape, stride, padding = _checked_conv(*args)
+        try:
+            hash(args)
+        except TypeError:  # arguments of unusual types: checked (and refused) without the cache
+            out_shape, stride, padding = _check_conv(*args)
+        else:
+            out_shape, stride, padding = _checked_conv(*args)
     _check_no_grad(x=x, weight=weight, bias=bias, residual=residual)
     if x.numel() == 0 or weight.numel() == 0:
         return x.new_zeros(out_shape).contiguous(memory_format=torch.channels_last)
@@ -286,13 +307,14 @@ class BoundConvBiasAct:
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
+        # is_compiling() first: a traced call must never reach the cached plan (and its environment read).
         fast = (
-            not torch.is_grad_enabled()
+            not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled()
             and type(x) is torch.Tensor
             and type(weight) is torch.Tensor
             and (bias is None or type(bias) is torch.Tensor)
             and (residual is None or type(residual) is torch.Tensor)
-            and not torch.compiler.is_compiling()
         )
         if fast:
             # Flat, built inline: this runs once per conv per forward.
