@@ -487,7 +487,7 @@ def cmd_export(args) -> int:
 
     import torch
 
-    from . import ops
+    from . import export, ops
     from .accuracy import judge
     from .bench import make_inputs
     from .convert import fuse
@@ -499,36 +499,39 @@ def cmd_export(args) -> int:
     model = build_model(model_name, weights=args.weights, seed=args.seed).to(device)
     fused = fuse(model, backend=backend, dtype=dtype)
     example = make_inputs(args.batch, args.size, dtype=dtype, device=device, count=1, seed=args.seed + 1)[0]
-    from . import export
-
     dynamic = not args.static_batch
     written = []
     _say(args, f"{model_name} {_short(dtype)} {backend}: torch.export, batch {args.batch}"
          + (" (any batch size)" if dynamic else "") + f" -> {args.out}")
-    written.append(("torch.export program", export.save_program(fused, (example,), args.out, dynamic_batch=dynamic)))
-    if args.aoti is not None:
-        path = args.aoti or _aoti_path(args.out)
-        _say(args, f"{model_name} {_short(dtype)} {backend}: AOTInductor compile -> {path} (minutes for a big model)")
-        written.append(("AOTInductor package", export.save_aoti_package(fused, (example,), path, dynamic_batch=dynamic)))
-    # What was written is only reported once it loads and gives the fused model's outputs, judged
-    # against float64 as verify judges the fused model itself.
-    batches = [args.batch, args.batch + 1] if dynamic else [args.batch]
+    try:  # ExportError: this model or backend cannot be saved so; the message says what can
+        written.append(("torch.export program", export.save_program(fused, (example,), args.out, dynamic_batch=dynamic)))
+        if args.aoti is not None:
+            path = args.aoti or _aoti_path(args.out)
+            _say(args, f"{model_name} {_short(dtype)} {backend}: AOTInductor compile -> {path} (C++: a minute or more)")
+            written.append(("AOTInductor package", export.save_aoti_package(fused, (example,), path, dynamic_batch=dynamic)))
+    except export.ExportError as exc:
+        raise UsageError(_one_line(exc) + "".join(f" ({path} was written)" for _, path in written)) from None
+    # What was written counts only once it loads back and its outputs pass verify's test (against
+    # float64, within the dtype's bound), on a fresh input; with a dynamic batch also on another size.
+    _say(args, "computing reference outputs to check the written files")
     checks = []
-    for batch in batches:
+    for batch in [args.batch, args.batch + 1] if dynamic else [args.batch]:
         x = make_inputs(batch, args.size, dtype=torch.float32, device=device, count=1, seed=args.seed + 2 + batch)[0]
         with torch.inference_mode():
             ref = copy.deepcopy(model).double()(x.double())
             eager = copy.deepcopy(model).to(dtype)(x.to(dtype))
-        checks.append((batch, x.to(dtype), eager, ref))
+            checks.append((batch, x.to(dtype), fused(x.to(dtype)), eager, ref))
     failed = False
     for what, path in written:
-        _say(args, f"checking {path}: loading it and comparing with float64")
+        _say(args, f"checking {path}: loading it and running it")
         loaded = export.load(path)
-        for batch, x, eager, ref in checks:
+        for batch, x, direct, eager, ref in checks:
             with torch.inference_mode():
-                v = judge(loaded(x), eager, ref)
+                out = loaded(x)
+            v = judge(out, eager, ref)
             failed |= not v.ok
-            print(f"{what}: {path} batch {batch}: rel err vs fp64 {v.error:.3g} (bound {v.bound:.3g}) "
+            print(f"{what} {path}, batch {batch}: rel err vs fp64 {v.error:.3g} (bound {v.bound:.3g}), "
+                  f"max abs vs the fused model {(out.double() - direct.double()).abs().max():.3g}: "
                   + ("ok" if v.ok else "MISMATCH"))
     if failed:
         print("export: MISMATCH: a written file's outputs are further from float64 than allowed", file=sys.stderr)

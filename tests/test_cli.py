@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 import torchvision
 
+import resnet_fused
 from resnet_fused import bench, cli, ops, reference
 from resnet_fused.backends import torch_backend
+from utils import assert_close
 
 
 def test_info_lists_versions_and_backends(capsys):
@@ -265,3 +268,62 @@ def test_errors_found_before_slow_work_exit_2(command, argv, message, tmp_path, 
 def test_console_script_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "resnet_fused", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("resnet-fused ")
+
+
+def test_export_writes_files_that_load_in_a_fresh_process(tmp_path, capsys):
+    # One command writes both kinds (the AOTInductor package compiles C++: the slow part).
+    program, package = tmp_path / "r18.pt2", tmp_path / "r18.aoti.pt2"
+    argv = ["export", "--model", "resnet18", "--size", "32", "--batch", "2", "--backend", "torch", "--seed", "3",
+            "--out", str(program), "--aoti", "--no-progress"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.endswith(": ok") for line in lines), lines
+    assert [re.search(r", batch (\d+):", line).group(1) for line in lines] == ["2", "3"] * 2
+    assert [line.split(" /")[0] for line in lines] == ["torch.export program"] * 2 + ["AOTInductor package"] * 2
+    # The files stand alone: a new interpreter loads them and gives the fused model's outputs here.
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            "from resnet_fused import export\n"
+            "x = torch.load(sys.argv[1])\n"
+            "outs = [export.load(path)(x) for path in sys.argv[2:]]\n"
+            "torch.save(outs, sys.argv[1] + '.out')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.pt"), str(program), str(package)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = cli.build_model("resnet18", weights=None, seed=3)
+    with torch.inference_mode():
+        expected = resnet_fused.fuse(model, backend="torch")(x)
+        reference_out = model.double()(x.double())
+    for out in torch.load(tmp_path / "x.pt.out"):
+        assert_close(out, reference_out)  # a batch of 5: neither example batch
+        assert_close(out, expected)
+
+
+def test_export_failure_and_mismatch(tmp_path, monkeypatch, capsys):
+    from resnet_fused import export
+
+    argv = ["export", "--model", "resnet18", "--size", "32", "--batch", "1", "--backend", "torch",
+            "--out", str(tmp_path / "m.pt2"), "--no-progress"]
+
+    def refuse(*args, **kwargs):
+        raise export.ExportError("ResNet exports only for a fixed batch size\nsecond line")
+
+    monkeypatch.setattr(export, "save_program", refuse)
+    assert cli.main(argv) == 2
+    assert _one_error_line(capsys) == ("resnet-fused export: error: ResNet exports only for a fixed batch size "
+                                       "second line")
+
+    def save_fused(module, example_inputs, path, *, dynamic_batch):
+        saved.append(module)
+        return str(path)
+
+    def load_wrong(path):
+        return lambda x: saved[0](x) * 1.001  # off by 0.1%: far beyond fp32's bound
+
+    saved = []
+    monkeypatch.setattr(export, "save_program", save_fused)
+    monkeypatch.setattr(export, "load", load_wrong)
+    assert cli.main([*argv, "--static-batch"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("MISMATCH") == 1 and "export: MISMATCH" in captured.err
