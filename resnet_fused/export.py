@@ -11,8 +11,12 @@ Two kinds of file, both ``.pt2`` archives:
   model's Python code, through ``torch._inductor.aoti_load_package`` in Python or
   ``torch::inductor::AOTIModelPackageLoader`` in C++. The ``extension`` backend's ops are called
   through AOTInductor's proxy executor by name, so the process must have loaded the extension's
-  library first (``import resnet_fused.ops``, or ``torch.ops.load_library(<path of
-  resnet_fused/_C*.so>)`` without resnet_fused's Python). The ``torch`` backend needs nothing more.
+  library first: ``import resnet_fused.ops``, or ``torch.ops.load_library(<path of
+  resnet_fused/_C*.so>)`` without resnet_fused's Python, or in C++ ``dlopen(path, RTLD_LAZY |
+  RTLD_GLOBAL)`` (lazy: the library's Python module entry point is never called) with torch's
+  ``lib/`` on the library path. The ``torch`` backend needs nothing more.
+  On CPU, Inductor compiles the package with ``-march=native``: build it on the kind of CPU that
+  will serve it (a package built where AVX-512 exists may not run where it does not).
   Backends whose kernels are Python custom ops (``triton`` here) cannot be compiled into a package:
   :func:`save_aoti_package` refuses them and says which backend to use instead.
 
