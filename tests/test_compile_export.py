@@ -19,7 +19,7 @@ from torch import nn
 import resnet_fused
 from resnet_fused import export, ops, reference
 from resnet_fused.modules import FusedConvBNAct
-from utils import REL_TOL, assert_close, rel_error
+from utils import REL_TOL, assert_close, reference_conv_bias_act, rel_error
 
 BACKENDS = ["torch", "extension", "onednn", "triton"]
 
@@ -98,6 +98,26 @@ def test_compile_fullgraph_matches_eager(backend, nan_filled_empty_exact_fp32):
     assert torch.equal(out, again)
     # Inductor compiles the unfused ops (pooling, the classifier) itself, so not bit for bit.
     assert rel_error(out, eager) <= REL_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_ops_compile_fullgraph(backend, nan_filled_empty_exact_fp32):
+    """The ops called directly (list arguments, all three ops) trace without a graph break; aot_eager
+    runs the fake kernels and functionalization without compiling C++."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    x, weight, bias = torch.randn(2, 8, 7, 6, generator=g), torch.randn(12, 8, 3, 3, generator=g) / 8, torch.randn(12, generator=g)
+    residual = torch.randn(2, 12, 4, 3, generator=g)
+    x, weight, bias, residual = (t.to(device) for t in (x, weight, bias, residual))
+
+    def f(x, weight, bias, residual):
+        y = ops.conv_bias_act(x, weight, bias, stride=[2, 2], padding=[1, 1], residual=residual, relu=False, backend=backend)
+        return ops.bias_act(ops.add_relu(y, residual, backend=backend), bias, relu=True, backend=backend)
+
+    with torch.inference_mode():
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(x, weight, bias, residual)
+    conv = reference_conv_bias_act(x, weight, bias, stride=2, padding=1, residual=residual, relu=False)
+    assert_close(out, (conv + residual.double()).relu().add(bias.double().view(1, -1, 1, 1)).relu())
 
 
 def test_compiled_model_keeps_the_eager_fast_path():
