@@ -31,7 +31,7 @@ void launch_epilogue(const EpilogueArgs<T>& args, cudaStream_t stream);
 // The JSON fields build_info() adds for a CUDA build.
 std::string cuda_build_info();
 
-// Why this build or process cannot run our fused cuDNN graphs (cudnn_graph.cpp: built without
+// Why this build or process cannot run our fused cuDNN graphs (fused_conv_graph.cpp: built without
 // cuDNN's headers, or the cuDNN library torch uses is not loaded), or empty when it can.
 const std::string& cudnn_graph_unavailable();
 

@@ -10,7 +10,7 @@
 // of its own. Built without the headers (setup.py adds them when it finds them), every call
 // reports the graph unavailable and the caller takes convolution + epilogue.
 
-#include "cudnn_graph.h"
+#include "fused_conv_graph.h"
 
 #if __has_include(<cudnn.h>)
 #define RESNET_FUSED_HAS_CUDNN 1
@@ -25,6 +25,7 @@
 
 #include <dlfcn.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
@@ -72,9 +73,9 @@ const CudnnApi& api() {
   return loaded;
 }
 
-void check(cudnnStatus_t status, const char* what) {
+void check(cudnnStatus_t status, const std::string& what) {
   if (status != CUDNN_STATUS_SUCCESS) {
-    throw CudnnGraphError(std::string("cuDNN graph: ") + what + ": " + api().error_string(status));
+    throw CudnnGraphError("cuDNN graph: " + what + ": " + api().error_string(status));
   }
 }
 
@@ -91,7 +92,7 @@ class Desc {
 
   template <typename T>
   Desc& set(cudnnBackendAttributeName_t name, cudnnBackendAttributeType_t type, const T* values, int64_t count = 1) {
-    check(api().set(desc_, name, type, count, values), "set attribute");
+    check(api().set(desc_, name, type, count, values), "set attribute " + std::to_string(name));
     return *this;
   }
   Desc& set_desc(cudnnBackendAttributeName_t name, const Desc& value) {
@@ -155,8 +156,20 @@ DescPtr tensor(int64_t uid, cudnnDataType_t type, at::IntArrayRef sizes, at::Int
   return t;
 }
 
-DescPtr tensor_of(int64_t uid, const at::Tensor& t) {
-  return tensor(uid, data_type(t.scalar_type()), t.sizes(), t.strides(), alignment(t), false);
+// The strides of a dense (N, C, H, W) tensor in `format`. Tensors here are dense in `format`, but
+// torch may give a size-1 dimension any stride (a 1x1 weight reads as contiguous and
+// channels_last at once); cuDNN infers the layout from the strides, so they are spelled out.
+std::array<int64_t, 4> dense_strides(at::IntArrayRef sizes, c10::MemoryFormat format) {
+  const int64_t c = sizes[1], h = sizes[2], w = sizes[3];
+  if (format == c10::MemoryFormat::ChannelsLast) {
+    return {h * w * c, 1, w * c, c};
+  }
+  return {c * h * w, h * w, w, 1};
+}
+
+DescPtr tensor_of(int64_t uid, const at::Tensor& t, c10::MemoryFormat format) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous(format));
+  return tensor(uid, data_type(t.scalar_type()), t.sizes(), dense_strides(t.sizes(), format), alignment(t), false);
 }
 
 std::vector<cudnnBackendNumericalNote_t> numerical_notes(const Desc& config) {
@@ -214,13 +227,14 @@ std::unique_ptr<Plan> build_plan(
   };
   const int64_t channels = out.size(1);
   // Intermediates stay in fp32 (the accumulator type), laid out like the output.
+  const auto out_strides = dense_strides(out.sizes(), format);
   auto intermediate = [&](int64_t uid) -> Desc& {
-    return keep(tensor(uid, CUDNN_DATA_FLOAT, out.sizes(), out.strides(), 16, true));
+    return keep(tensor(uid, CUDNN_DATA_FLOAT, out.sizes(), out_strides, 16, true));
   };
 
-  Desc& x_desc = keep(tensor_of(kX, x));
-  Desc& w_desc = keep(tensor_of(kW, weight));
-  Desc& y_desc = keep(tensor_of(kY, out));
+  Desc& x_desc = keep(tensor_of(kX, x, format));
+  Desc& w_desc = keep(tensor_of(kW, weight, format));
+  Desc& y_desc = keep(tensor_of(kY, out, format));
 
   const cudnnDataType_t compute = CUDNN_DATA_FLOAT;
   const cudnnConvolutionMode_t mode = CUDNN_CROSS_CORRELATION;
@@ -274,14 +288,13 @@ std::unique_ptr<Plan> build_plan(
   };
   if (bias.has_value()) {
     // (1, K, 1, 1), broadcast over the batch and the plane.
-    const int64_t sizes[4] = {1, channels, 1, 1};
-    const int64_t strides[4] = {channels, 1, format == c10::MemoryFormat::ChannelsLast ? channels : 1,
-                                format == c10::MemoryFormat::ChannelsLast ? channels : 1};
-    Desc& b = keep(tensor(kBias, data_type(bias->scalar_type()), sizes, strides, alignment(*bias), false));
+    const std::array<int64_t, 4> sizes{1, channels, 1, 1};
+    Desc& b = keep(tensor(kBias, data_type(bias->scalar_type()), sizes, dense_strides(sizes, format),
+                          alignment(*bias), false));
     pointwise(CUDNN_POINTWISE_ADD, &b, next_output(kAfterBias));
   }
   if (residual.has_value()) {
-    Desc& z = keep(tensor_of(kResidual, *residual));
+    Desc& z = keep(tensor_of(kResidual, *residual, format));
     pointwise(CUDNN_POINTWISE_ADD, &z, next_output(kAfterResidual));
   }
   if (relu) {
@@ -301,10 +314,11 @@ std::unique_ptr<Plan> build_plan(
 
   // Heuristic mode A first (cuDNN's ranking), then the fallback list; the first acceptable
   // engine config that finalizes into a plan is kept.
-  std::string last_error = "no engine config";
+  std::string last_error;
   for (const cudnnBackendHeurMode_t heur_mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
     Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
-    heur.set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph).set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &heur_mode);
+    heur.set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph)
+        .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &heur_mode);
     try {
       heur.finalize("engine heuristics");
     } catch (const CudnnGraphError& e) {
@@ -323,13 +337,20 @@ std::unique_ptr<Plan> build_plan(
     check(api().get(heur.get(), CUDNN_ATTR_ENGINEHEUR_RESULTS, CUDNN_TYPE_BACKEND_DESCRIPTOR, count, &count,
                     raw_configs.data()),
           "engine configs");
+    if (count == 0 && last_error.empty()) {
+      last_error = "cuDNN's heuristics offered no engine";
+    }
     for (int64_t i = 0; i < count; ++i) {
       try {
         if (!acceptable(*configs[i], x.scalar_type(), allow_tf32)) {
+          if (last_error.empty()) {
+            last_error = "engines offered were refused (fp16 accumulation, or TF32 with TF32 off)";
+          }
           continue;
         }
         auto candidate = std::make_unique<Desc>(CUDNN_BACKEND_EXECUTION_PLAN_DESCRIPTOR);
-        candidate->set_desc(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, *configs[i]).set(kPlanHandle, CUDNN_TYPE_HANDLE, &handle);
+        candidate->set_desc(CUDNN_ATTR_EXECUTION_PLAN_ENGINE_CONFIG, *configs[i])
+            .set(kPlanHandle, CUDNN_TYPE_HANDLE, &handle);
         candidate->finalize("execution plan");
         int64_t got = 0;
         check(api().get(candidate->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &got,
@@ -366,13 +387,12 @@ PlanKey plan_key(
     const std::optional<at::Tensor>& residual,
     bool relu,
     bool allow_tf32,
-    const at::Tensor& out) {
-  PlanKey key{x.get_device(), static_cast<int64_t>(x.scalar_type()), relu, allow_tf32, alignment(x),
-              alignment(weight), alignment(out)};
-  for (const at::Tensor* t : {&x, &weight, &out}) {
-    key.insert(key.end(), t->sizes().begin(), t->sizes().end());
-    key.insert(key.end(), t->strides().begin(), t->strides().end());
-  }
+    const at::Tensor& out,
+    c10::MemoryFormat format) {
+  PlanKey key{x.get_device(), static_cast<int64_t>(x.scalar_type()), static_cast<int64_t>(format), relu,
+              allow_tf32, alignment(x), alignment(weight), alignment(out)};
+  key.insert(key.end(), x.sizes().begin(), x.sizes().end());
+  key.insert(key.end(), weight.sizes().begin(), weight.sizes().end());
   key.insert(key.end(), stride.begin(), stride.end());
   key.insert(key.end(), padding.begin(), padding.end());
   key.push_back(bias.has_value() ? alignment(*bias) : 0);
@@ -418,7 +438,7 @@ at::Tensor cudnn_conv_bias_act_graph(
   const cudnnHandle_t handle = at::native::getCudnnHandle();  // bound to the current stream
   // Never destroyed: destroying cuDNN descriptors at process exit can run after CUDA's teardown.
   thread_local auto* plans = new std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash>();
-  const PlanKey key = plan_key(x, weight, bias, stride, padding, residual, relu, allow_tf32, out);
+  const PlanKey key = plan_key(x, weight, bias, stride, padding, residual, relu, allow_tf32, out, format);
   auto found = plans->find(key);
   if (found == plans->end()) {
     found = plans->emplace(key, build_plan(handle, x, weight, bias, stride, padding, residual, relu, allow_tf32, out,

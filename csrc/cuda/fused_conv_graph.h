@@ -1,6 +1,6 @@
 #pragma once
 // conv (+ bias) (+ residual) (+ ReLU) as one cuDNN operation graph, built with cuDNN's backend API
-// (csrc/cuda/cudnn_graph.cpp). The graph has no addend for a missing residual, so, unlike
+// (csrc/cuda/fused_conv_graph.cpp). The graph has no addend for a missing residual, so, unlike
 // at::cudnn_convolution_relu (which feeds its own uninitialised output back in scaled by 0), no
 // uninitialised memory is ever read.
 

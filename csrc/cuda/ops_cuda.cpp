@@ -3,7 +3,7 @@
 // compiles just the kernels.
 
 #include "../common.h"
-#include "cudnn_graph.h"
+#include "fused_conv_graph.h"
 #include "epilogue_cuda.h"
 
 #include <ATen/Context.h>
@@ -69,7 +69,7 @@ bool allow_tf32_conv() {
   return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV);
 }
 
-// Whether one cuDNN call can compute this conv. With our own graph (cudnn_graph.cpp) that is any
+// Whether one cuDNN call can compute this conv. With our own graph (fused_conv_graph.cpp) that is any
 // conv with an epilogue; without it only at::cudnn_convolution_add_relu remains, which needs the
 // residual and the ReLU (its sibling at::cudnn_convolution_relu is never used: it adds its own
 // uninitialised output scaled by 0, and 0 * NaN left in recycled memory is NaN). Never for
