@@ -20,22 +20,28 @@ _LAZY = {
     "BackendUnavailableError": "ops",
     "BackendFallbackWarning": "ops",
 }
-_SUBMODULES = ("accuracy", "bench", "cli", "convert", "export", "folding", "modules", "ops", "reference")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
+    elif name.startswith("__"):  # never import __main__ (it runs the command line) on a probe
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    else:  # a submodule: resnet_fused.ops, resnet_fused.export, ...
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule exists but needs something missing: say what
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     globals()[name] = value  # later look-ups skip this function
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+    import pkgutil
+
+    return sorted(set(globals()) | set(_LAZY) | {m.name for m in pkgutil.iter_modules(__path__) if m.name != "__main__"})
 
 
 __all__ = [

@@ -278,17 +278,17 @@ def _checked(args) -> tuple:
 
     Runs before any model is built, so a mistake costs the imports, not minutes.
     """
-    from . import ops
-
     device = _device(args.device)
     dtypes = [_dtype(d) for d in args.dtype]
-    for dtype in dtypes:
-        for name in args.backend or ():
-            ops.resolve_backend(name, device, dtype)  # BackendUnavailableError says why not
     for model_name in args.model:
         _builder(model_name)
     if args.weights:
         read_checkpoint(args.weights)  # read again per model: a second read costs far less than a model build
+    from . import ops  # last: it loads every backend (the extension's library, Triton)
+
+    for dtype in dtypes:
+        for name in args.backend or ():
+            ops.resolve_backend(name, device, dtype)  # BackendUnavailableError says why not
     return device, dtypes
 
 
@@ -357,6 +357,8 @@ def _cpu_line(env) -> str:
 
 
 def cmd_verify(args) -> int:
+    device, dtypes = _checked(args)  # before the package's imports: a mistake costs as little as can be
+
     import copy
 
     import torch
@@ -366,7 +368,6 @@ def cmd_verify(args) -> int:
     from .bench import make_inputs
     from .convert import fuse
 
-    device, dtypes = _checked(args)
     rows, failed = [], False
     for model_name in args.model:
         _say(args, f"{model_name}: building the model ({_weights_line(args)})")
@@ -400,6 +401,8 @@ def cmd_verify(args) -> int:
 def run_bench(args, progress=True) -> dict:
     """Eager vs fused (and torch.compile with --compile, ONNX Runtime and OpenVINO with --peers) for one
     model/batch/dtype; returns the JSON record."""
+    device, (dtype,) = _checked(args)  # before the package's imports: a mistake costs as little as can be
+
     import copy
 
     import torch
@@ -408,7 +411,6 @@ def run_bench(args, progress=True) -> dict:
     from .accuracy import rel_error
     from .bench import Timing, environment, make_inputs, model_variants, peer_variants, time_fn, time_interleaved
 
-    device, (dtype,) = _checked(args)
     backends = _benchmarkable_backends(device, dtype, args.backend)
     model_name = args.model[0]
     _say(args, f"{model_name}: building the model ({_weights_line(args)})")
@@ -483,6 +485,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_export(args) -> int:
+    device, (dtype,) = _checked(args)  # before the package's imports: a mistake costs as little as can be
+
     import copy
 
     import torch
@@ -492,7 +496,6 @@ def cmd_export(args) -> int:
     from .bench import make_inputs
     from .convert import fuse
 
-    device, (dtype,) = _checked(args)
     model_name = args.model[0]
     backend = args.backend[0] if args.backend else ops.resolve_backend(None, device, dtype)
     _say(args, f"{model_name}: building the model ({_weights_line(args)})")

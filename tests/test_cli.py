@@ -20,6 +20,8 @@ def test_info_lists_versions_and_backends(capsys):
     assert f"torch           {torch.__version__}" in out
     for name in ops.BACKENDS:
         assert f"| {name}" in out
+    isa = next(line for line in out.splitlines() if line.strip().startswith("ISA:")).split()[1:]
+    assert isa == bench.cpu_flags() or (isa == ["none", "of", "note"] and not bench.cpu_flags())
 
 
 def test_verify_passes_on_a_good_backend(capsys):
@@ -197,7 +199,9 @@ def test_package_names_resolve_lazily():
             "assert 'torch' not in sys.modules\n"
             "from resnet_fused import fuse, fold_bn, ops, available_backends, BackendUnavailableError\n"
             "assert fuse is resnet_fused.convert.fuse and 'torch' in sys.modules\n"
-            "assert set(resnet_fused.__all__) <= set(dir(resnet_fused))\n"
+            "assert set(resnet_fused.__all__) <= set(dir(resnet_fused)) and 'export' in dir(resnet_fused)\n"
+            "assert not hasattr(resnet_fused, '__main__')  # a probe must not run the command line\n"
+            "assert resnet_fused.export.__name__ == 'resnet_fused.export'\n"
             "try:\n    resnet_fused.nonexistent\nexcept AttributeError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
