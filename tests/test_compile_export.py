@@ -258,6 +258,10 @@ def test_export_errors_are_clear(tmp_path):
         export.save_program(_FixedBatch(), x, tmp_path / "x.pt2")
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         export.save_program(lambda t: t, (x,), tmp_path / "x.pt2")
+    with pytest.raises(ValueError, match="must end in .pt2"):
+        export.save_program(_FixedBatch(), (x,), tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match="folder .* does not exist"):
+        export.save_aoti_package(_FixedBatch(), (x,), tmp_path / "missing" / "model.pt2")
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(ValueError, match="not a .pt2 archive"):
         export.load(tmp_path / "notes.txt")
