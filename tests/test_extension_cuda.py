@@ -11,7 +11,12 @@ ReLU, each rounded to the dtype).
 from __future__ import annotations
 
 import copy
+import os
+import re
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +85,33 @@ def test_build_for_another_torch_fails(monkeypatch):
     monkeypatch.setattr(extension, "build_info", lambda: {"torch": "1.0.0", "with_cuda": True})
     with pytest.raises(pytest.fail.Exception, match="built against torch 1.0.0, this is torch"):
         require_cuda_extension()
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    found = os.path.join(home, "bin", "nvcc")
+    return found if os.path.exists(found) else shutil.which("nvcc")
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the check compiles PTX, no GPU needed)")
+def test_epilogue_vector_path_moves_16_bytes_at_a_time(tmp_path):
+    """The half/bfloat16 vector kernels must load and store whole 16-byte packs: a pack copied as
+    a struct of c10::Half moves element by element (8 two-byte loads of the residual per pack, as
+    once seen in the sm_90 PTX). Only the NCHW walk's per-plane bias is a scalar load."""
+    root = Path(__file__).resolve().parent.parent
+    include = Path(torch.__file__).parent / "include"
+    ptx = tmp_path / "epilogue.ptx"
+    subprocess.run(
+        [_nvcc(), "-arch=sm_90", "-ptx", "-O3", "--expt-relaxed-constexpr", "-std=c++17", f"-I{include}",
+         f"-I{include / 'torch/csrc/api/include'}", str(root / "csrc/cuda/epilogue_cuda.cu"), "-o", str(ptx)],
+        check=True, capture_output=True, text=True, timeout=600)
+    kernels = dict(re.findall(r"\.entry (\S+)\((.*?)\n\}\n", ptx.read_text(), re.S))
+    vector = {name: body for name, body in kernels.items() if re.search(r"(4Half|8BFloat16)ELi8E", name)}
+    assert len(vector) == 4, sorted(kernels)
+    for name, body in vector.items():
+        scalar_loads = len(re.findall(r"ld\.global(?:\.nc)?\.[bu]16", body))
+        assert scalar_loads <= (1 if "nchw" in name else 0), (name, scalar_loads)
+        assert re.search(r"ld\.global(?:\.nc)?\.v4", body) and re.search(r"st\.global\.v4", body), name
 
 
 @pytest.fixture
