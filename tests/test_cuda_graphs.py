@@ -150,7 +150,7 @@ def test_new_shapes_run_eagerly_when_full_with_one_warning(resnet18, monkeypatch
     with pytest.warns(CudaGraphWarning, match="max_shapes"):
         assert g._new_graph(input_key(b), b) is None
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", CudaGraphWarning)
         assert g._new_graph(input_key(c), c) is None
     assert fake.calls == [(1, 3, 8, 8)]
     assert [k[0] for k in g.captured()] == [(1, 3, 8, 8)]
@@ -164,7 +164,7 @@ def test_failed_capture_runs_eagerly_and_is_not_retried(resnet18, monkeypatch):
     with pytest.warns(CudaGraphWarning, match="failed.*RuntimeError.*capturing"):
         assert g._new_graph(input_key(x), x) is None
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", CudaGraphWarning)
         assert g._new_graph(input_key(x), x) is None
     assert fake.calls == [(2, 3, 8, 8)] and g.captured() == []
 
@@ -259,7 +259,7 @@ def test_full_cache_falls_back_to_eager_once(fused16):
         with pytest.warns(CudaGraphWarning, match="max_shapes"):
             out_b = g(b)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", CudaGraphWarning)
             out_c = g(c)
         torch.testing.assert_close(out_b, fused16(b))
         torch.testing.assert_close(out_c, fused16(c))
@@ -309,7 +309,7 @@ def test_uncapturable_model_runs_eagerly_with_a_warning():
         out = g(x)
     torch.testing.assert_close(out, Syncs()(x))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", CudaGraphWarning)
         torch.testing.assert_close(g(x), Syncs()(x))
     assert g.captured() == []
 
