@@ -100,9 +100,8 @@ fi
 
 # ---- the plan: every stage with its estimated seconds on the GPU machine ------------------------
 # Estimates for an H100/H200 with 16 cores from cold: torch.compile (inductor, freezing) of resnet50
-# ~60 s per batch size; ~1.5 s per Triton kernel compile per core (0.5-1.2 s measured for these
-# kernels for sm_90 on an idle EPYC core); the extension ~60 s (its 8 sources on 8 cores; 2 min on 2).
-COMPILE_S_PER_KERNEL=1.5
+# ~60 s per batch size; the warm-up's ~150 kernels at ~2 s each on 16 cores (sm90_compile_check
+# --plan prints its own estimate); the extension ~60 s (its 8 sources on 8 cores; 2 min on 2).
 PLAN=(
   "environment|10"
   "import without install|5"
@@ -346,7 +345,7 @@ else
   export MAX_JOBS=${MAX_JOBS:-$CORES}
   WARM_JOBS=$PLAN_CORES; TEST_WORKERS=$CORES
 fi
-export PY REPO DEVICE OUT_DIR MODE ARCH SMS WARM_JOBS TEST_WORKERS DTYPE SIZE WORK
+export PY REPO DEVICE OUT_DIR MODE CC_MAJOR CC_MINOR ARCH SMS WARM_JOBS TEST_WORKERS DTYPE SIZE WORK
 export -f environment importable cuda_home build warm_up build_and_warm_up our_cubins bench gpu_tests verify
 
 if [ "${GPU_CHECK_PLAN_ONLY:-0}" = 1 ]; then
@@ -401,13 +400,13 @@ for row in "${STAGES[@]}"; do
 done
 [ -n "$RENDERED" ] && printf '\n%s\n' "$RENDERED"
 if [ -s "$OUT_DIR/warmup.json" ]; then
-  "$PY" - "$OUT_DIR/warmup.json" "$COMPILE_S_PER_KERNEL" "$PLAN_CORES" <<'PYTHON'
-import json, math, sys
+  "$PY" - "$OUT_DIR/warmup.json" <<'PYTHON'
+import json, sys
 report = json.load(open(sys.argv[1]))
-n, per, cores = len(report["kernels"]), float(sys.argv[2]), int(sys.argv[3])
+n = len(report["kernels"])
 if report.get("plan_only"):
-    print(f"\nTriton warm-up plan: {n} distinct kernels for resnet50 fp16 b256+b1; at ~{per} s each on {cores} cores "
-          f"~{math.ceil(n / cores) * per + 10:.0f} s")
+    print(f"\nTriton warm-up plan: {n} distinct kernels for resnet50 fp16 b256+b1; at ~{report['seconds_per_kernel']} s "
+          f"each on {report['jobs']} cores ~{report['estimate_s']:.0f} s")
 else:
     print(f"\nTriton warm-up: {n} kernels compiled in {report['compile_wall_s']} s on {report['jobs']} processes")
 PYTHON

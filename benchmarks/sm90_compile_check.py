@@ -39,9 +39,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 SMEM_LIMIT = {90: 232_448, 100: 232_448, 80: 166_912, 86: 101_376, 89: 101_376}
-# Seconds per kernel compile on one idle core, for --plan's estimate: 0.5-1.2 s measured for these
-# kernels for sm_90 on an AMD EPYC core, plus margin; a contended core takes 3-5 s.
-PLAN_S_PER_KERNEL = 1.5
+# Seconds per kernel compile on one idle core, for --plan's estimate: ~2.2 s of CPU time (Triton's
+# passes plus ptxas) per kernel measured here for these kernels for sm_90 on an AMD EPYC core, the
+# largest tiles first (wall time on shared cores was 4-10x that).
+PLAN_S_PER_KERNEL = 2.2
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -285,18 +286,29 @@ def _init_worker(arch: int) -> None:
     _stand_in_driver(arch)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas): unlike wall time, it does not
+    grow when other work shares the cores, so it sizes a run on an idle machine."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def compile_one(launch: Launch) -> dict:
     import importlib
 
     result = {"label": launch.label(), "module": launch.module, "name": launch.name, "seen_in": launch.seen_in,
               "error": None, "seconds": None, "shared": None, "registers": None, "spill_stack": None,
-              "local": None, "wgmma": None}
+              "local": None, "wgmma": None, "cpu_seconds": None}
     t0 = time.perf_counter()
+    cpu0 = _cpu_seconds()
     try:
         fn = getattr(importlib.import_module(launch.module), launch.name)
         kernel = fn.warmup(*[_rebuild(a) for a in launch.args], grid=(1,),
                            **{k: _rebuild(v) for k, v in launch.kwargs.items()})
         result["seconds"] = round(time.perf_counter() - t0, 3)
+        result["cpu_seconds"] = round(_cpu_seconds() - cpu0, 3)
         result["shared"] = kernel.metadata.shared
         result["wgmma"] = "wgmma.mma_async" in kernel.asm.get("ptx", "")
         usage = _resource_usage(kernel.asm["cubin"])
@@ -400,15 +412,17 @@ def main(argv=None) -> int:
     if args.plan:
         for launch in sorted(launches, key=Launch.label):
             print(f"  {launch.label()}")
+        # Processes start and import torch in ~10 s; then the kernels go in waves of --jobs.
+        estimate = -(-len(launches) // args.jobs) * PLAN_S_PER_KERNEL + 10
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"plan_only": True, "torch": torch.__version__, "triton": triton.__version__, "arch": args.arch,
                            "models": args.models, "dtypes": args.dtypes, "batches": args.batches, "size": args.size,
+                           "jobs": args.jobs, "seconds_per_kernel": PLAN_S_PER_KERNEL, "estimate_s": estimate,
                            "kernels": [{"label": launch.label(), "name": launch.name, "seen_in": launch.seen_in}
                                        for launch in launches]}, f, indent=1)
-        waves = -(-len(launches) // args.jobs)
         print(f"sm90_compile_check: PLAN {len(launches)} distinct kernels; on {args.jobs} processes at "
-              f"~{PLAN_S_PER_KERNEL} s each (an idle core) ~{waves * PLAN_S_PER_KERNEL + 10:.0f} s")
+              f"~{PLAN_S_PER_KERNEL} s each (an idle core) ~{estimate:.0f} s")
         return 0
 
     cache = None if args.use_cache else tempfile.mkdtemp(prefix="sm90-triton-cache-")
@@ -436,23 +450,25 @@ def main(argv=None) -> int:
     for r in over:
         print(f"SHARED MEMORY OVERFLOW {r['label']}: {r['shared']} B > {limit} B")
     total = time.perf_counter() - start
+    compile_s = sum(r["seconds"] or 0 for r in results)
+    cpu_s = sum(r["cpu_seconds"] or 0 for r in results)
     record = {
         "torch": torch.__version__, "triton": triton.__version__, "arch": args.arch, "smem_limit": limit,
         "fp32_precision": conv.dot_precision(torch.float32), "allow_tf32": tf32,
         "models": args.models, "dtypes": args.dtypes, "batches": args.batches, "size": args.size,
-        "jobs": args.jobs, "compile_wall_s": round(wall, 1), "total_s": round(total, 1), "kernels": results,
+        "jobs": args.jobs, "compile_wall_s": round(wall, 1), "total_s": round(total, 1),
+        "compile_cpu_s": round(cpu_s, 1), "kernels": results,
     }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
         print(f"sm90_compile_check: wrote {args.json}")
-    compile_s = sum(r["seconds"] or 0 for r in results)
     status = "FAILED" if failed or over else "PASSED"
     print(f"sm90_compile_check: {status}: {len(results)} kernels, {len(failed)} failures, "
           f"{len(over)} over shared memory (max {biggest['shared'] if biggest else 0} of {limit} B), "
           f"{len(spilled)} spilling (max {max((r['spill_stack'] or 0 for r in results), default=0)} B), "
           f"wgmma in {wgmma} of {len(mma_kernels)} MMA kernels, "
-          f"{compile_s:.0f}s compiling in {args.jobs} processes ({wall:.0f}s wall), {total:.0f}s in all")
+          f"{compile_s:.0f}s compiling in {args.jobs} processes ({wall:.0f}s wall, {cpu_s:.0f} CPU-s), {total:.0f}s in all")
     return 1 if failed or over else 0
 
 
