@@ -35,7 +35,9 @@ from . import configs
 _MODES = {"conv": 0, "gemm": 1, "flat": 2}
 
 
-@triton.jit
+# Output sizes are not specialized on (Triton would compile a kernel per divisibility-by-16 of
+# each): no load or store is vectorized along them, and every extra variant is one more compile.
+@triton.jit(do_not_specialize=["M", "H", "W", "P", "Q"])
 def conv_bias_act_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     M, H, W, P, Q, C_G, K_G, K_OUT, KH, KW, SH, SW, PH, PW,
@@ -142,7 +144,7 @@ def conv_bias_act_kernel(
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "Q", "N_SPLIT"])
 def splitk_reduce_kernel(
     ws_ptr, bias_ptr, res_ptr, out_ptr,
     M, K_OUT, P, Q, N_SPLIT, SLICE,
@@ -338,13 +340,20 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
     kernel_res_strides = res_strides or (0, 0, 0, 0)
 
     def launch(cfg: configs.LaunchConfig) -> None:
-        split = cfg.split_k > 1
         tiles = configs.cdiv(m, cfg.block_m) * configs.cdiv(k_g, cfg.block_n)
-        dest = torch.empty((cfg.split_k, m, k_out), device=x.device, dtype=torch.float32) if split else out
+        split = cfg.split_k > 1
+        if split:
+            # The epilogue runs in the reduction kernel, so the partial-sum kernel gets none: one
+            # compiled kernel then serves every epilogue.
+            dest = torch.empty((cfg.split_k, m, k_out), device=x.device, dtype=torch.float32)
+            epilogue_args, constexprs = (None, None, dest, *plan.scalars, *x_strides, *w_strides, 0, 0, 0, 0), dict(
+                plan.constexprs, HAS_BIAS=False, HAS_RES=False, RES_C1=False, RELU=False)
+        else:
+            epilogue_args = (bias, residual, out, *plan.scalars, *x_strides, *w_strides, *kernel_res_strides)
+            constexprs = plan.constexprs
         conv_bias_act_kernel[(tiles, groups, cfg.split_k)](
-            x, weight, bias, residual, dest,
-            *plan.scalars, *x_strides, *w_strides, *kernel_res_strides,
-            **plan.constexprs,
+            x, weight, *epilogue_args,
+            **constexprs,
             PRECISION=plan.precision,
             UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
             SPLIT=split,
@@ -354,12 +363,11 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu, *, c
         if split:
             block_n = min(128, configs.next_power_of_2(k_out))
             block_m = min(configs.next_power_of_2(m), 4096 // block_n)
-            constexprs = plan.constexprs
             splitk_reduce_kernel[(configs.cdiv(m, block_m), configs.cdiv(k_out, block_n))](
                 dest, bias, residual, out,
                 m, k_out, p, q, cfg.split_k, m * k_out, *kernel_res_strides,
-                HAS_BIAS=constexprs["HAS_BIAS"], HAS_RES=constexprs["HAS_RES"], RES_C1=constexprs["RES_C1"],
-                RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                HAS_BIAS=plan.constexprs["HAS_BIAS"], HAS_RES=plan.constexprs["HAS_RES"],
+                RES_C1=plan.constexprs["RES_C1"], RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
             )
 
     if config is not None:
