@@ -267,23 +267,24 @@ at::Tensor conv_bias_act_cuda(
   }
   auto fused = [&] { return cudnn_fused(x, weight, bias, stride, padding, groups, residual, relu, format); };
   const ChoiceKey key = choice_key(x, weight, bias, stride, padding, groups, residual, relu, format);
-  Fused choice = fused_choices().get(key);
-  if (choice == Fused::kFailed) {
+  const Fused known = fused_choices().get(key);
+  if (known == Fused::kFailed) {
     return unfused();
   }
+  bool take_fused = fused_switch == 1 || known == Fused::kFaster;
   try {
-    if (fused_switch == 1) {
+    if (fused_switch != 1 && known == Fused::kUnknown) {
+      if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+        take_fused = cudnn_fused_preferred(x, weight, groups, format);  // untimed, not remembered
+      } else {
+        const auto [fused_ms, unfused_ms] = time_paths([&] { fused(); }, [&] { unfused(); });
+        take_fused = fused_ms <= unfused_ms;
+        fused_choices().set(key, take_fused ? Fused::kFaster : Fused::kSlower);
+      }
+    }
+    if (take_fused) {
       return fused();
     }
-    if (choice == Fused::kUnknown) {
-      if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
-        return cudnn_fused_preferred(x, weight, groups, format) ? fused() : unfused();
-      }
-      const auto [fused_ms, unfused_ms] = time_paths([&] { fused(); }, [&] { unfused(); });
-      choice = fused_ms <= unfused_ms ? Fused::kFaster : Fused::kSlower;
-      fused_choices().set(key, choice);
-    }
-    return choice == Fused::kFaster ? fused() : unfused();
   } catch (const c10::OutOfMemoryError&) {
     throw;  // says nothing about the fused path
   } catch (const std::exception& e) {
