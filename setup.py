@@ -40,6 +40,27 @@ def _fix_cuda_home() -> None:
         cpp_extension.CUDA_HOME = fallback
 
 
+def _cudnn_include_dirs() -> list:
+    """cuDNN's headers, for the extension's own fused cuDNN graphs (csrc/cuda/fused_conv_graph.cpp):
+    CUDNN_HOME (or CUDNN_PATH), then CUDA_HOME, then the nvidia-cudnn wheel pip's torch depends on.
+    Without them the extension still builds; convs cuDNN's graph would fuse then run as cuDNN's
+    convolution + our epilogue."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    homes = [os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH"), CUDA_HOME]
+    try:
+        import nvidia.cudnn
+
+        homes += list(nvidia.cudnn.__path__)
+    except ImportError:
+        pass
+    for home in homes:
+        if home and os.path.exists(os.path.join(home, "include", "cudnn.h")):
+            return [os.path.join(home, "include")]
+    print("setup.py: cuDNN's headers not found (set CUDNN_HOME); building without the fused cuDNN graphs")
+    return []
+
+
 def _want_cuda(torch_cuda_version) -> bool:
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -77,6 +98,7 @@ def _extensions():
             "resnet_fused._C",
             sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
             define_macros=[("RESNET_FUSED_WITH_CUDA", "1")],
+            include_dirs=_cudnn_include_dirs(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=link_flags,
         )
