@@ -154,6 +154,12 @@ def _output_file(path: str) -> str:
     return path
 
 
+def _pt2_file(path: str) -> str:
+    if not path.endswith(".pt2"):
+        raise UsageError(f"{path!r} does not end in .pt2, the suffix torch.export and AOTInductor files have")
+    return _output_file(path)
+
+
 def _did_you_mean(name: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(close)}?)" if close else ""
@@ -509,7 +515,7 @@ def cmd_export(args) -> int:
     try:  # ExportError: this model or backend cannot be saved so; the message says what can
         written.append(("torch.export program", export.save_program(fused, (example,), args.out, dynamic_batch=dynamic)))
         if args.aoti is not None:
-            path = args.aoti or _aoti_path(args.out)
+            path = _aoti_path(args.out) if args.aoti is True else args.aoti
             _say(args, f"{model_name} {_short(dtype)} {backend}: AOTInductor compile -> {path} (C++: a minute or more)")
             written.append(("AOTInductor package", export.save_aoti_package(fused, (example,), path, dynamic_batch=dynamic)))
     except export.ExportError as exc:
@@ -585,8 +591,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
     export = sub.add_parser("export", help="write the fused model as a torch.export program (.pt2), checked by loading it back")
     _add_common(export, batch=1, size=224, many=False)
-    export.add_argument("--out", type=_output_file, required=True, help="the .pt2 file to write")
-    export.add_argument("--aoti", nargs="?", const="", default=None, type=lambda p: p and _output_file(p),
+    export.add_argument("--out", type=_pt2_file, required=True, help="the .pt2 file to write")
+    # const is not a string, so argparse does not pass it through type: --aoti alone means True
+    export.add_argument("--aoti", nargs="?", const=True, default=None, type=_pt2_file,
                         metavar="PATH", help="also compile an AOTInductor package (default path: OUT with .aoti before its suffix)")
     export.add_argument("--static-batch", action="store_true", help="fix the batch size (default: any batch size)")
     export.set_defaults(func=cmd_export)

@@ -167,6 +167,8 @@ ARGUMENT_ERRORS = [
     (["bench", "--json", "/nonexistent/folder/out.json"], "folder /nonexistent/folder does not exist"),
     (["export", "--out", "/nonexistent/folder/m.pt2"], "folder /nonexistent/folder does not exist"),
     (["export"], "the following arguments are required: --out"),
+    (["export", "--out", "model.onnx"], "'model.onnx' does not end in .pt2"),
+    (["export", "--out", "m.pt2", "--aoti", "m.so"], "argument --aoti: 'm.so' does not end in .pt2"),
 ]
 
 
