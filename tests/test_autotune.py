@@ -22,6 +22,12 @@ from resnet_fused.kernels import configs  # noqa: E402
 from resnet_fused.kernels.configs import AutotuneCacheWarning, DiskCache, LaunchConfig, Tuner  # noqa: E402
 
 CANDS = [LaunchConfig(bm, 32, 32, 3, 4) for bm in (16, 32, 64)]
+
+
+@pytest.fixture(autouse=True)
+def autotuning_on(monkeypatch):
+    """These tests count timings: a RESNET_FUSED_AUTOTUNE=0 in the environment must not leak in."""
+    monkeypatch.delenv(configs.AUTOTUNE_ENV_VAR, raising=False)
 TIMES = {16: 3.0, 32: 1.0, 64: 2.0}  # block_m -> "milliseconds": the 32-row config wins
 
 
