@@ -3,7 +3,9 @@
 The ops live in namespace ``resnet_fused_triton`` (``torch.ops.resnet_fused_triton.conv_bias_act``,
 ``.add_relu``, ``.bias_act``) with fake kernels, so ``torch.compile(..., fullgraph=True)`` traces a
 fused model without graph breaks. They are ``torch.library.custom_op`` rather than ``triton_op``:
-under Triton's interpreter a ``triton_op`` fails fake-tensor tracing.
+under Triton's interpreter a ``triton_op`` fails fake-tensor tracing. Plain eager calls (plain
+tensors, nothing tracing or intercepting ops) run the kernels directly: the custom op's dispatch
+cost more host time than the rest of a conv.
 
 Triton itself is imported only when a kernel runs or availability is asked, so ``import
 resnet_fused`` works where triton is not installed. On CPU the kernels run only through Triton's
