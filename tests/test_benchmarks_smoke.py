@@ -175,3 +175,45 @@ def test_interleaved_script(tmp_path):
     overview = next(line for line in text.splitlines() if line.startswith("| model | batch | eager |"))
     assert ("| ONNX Runtime |" in overview) == ort and "OpenVINO" not in overview
     assert f"Note: {note}." in text and result["environment"]["cpu_model"] in text
+
+
+def test_peer_variants_say_why_a_peer_is_left_out(monkeypatch):
+    from resnet_fused import bench
+
+    installed = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "openvino"))
+    # Nothing is exported or built until a variant is built: no model is needed to list them.
+    variants, notes = bench.peer_variants(None, dtype=torch.float32, device="cuda", example=None)
+    assert variants == [] and notes == ["ONNX Runtime, OpenVINO: compared on the CPU only, skipped on cuda"]
+    if installed:
+        variants, notes = bench.peer_variants(None, dtype=torch.float32, device="cpu", example=None)
+        assert [(v.name, v.kind) for v in variants] == [("ONNX Runtime", "peer"), ("OpenVINO f32", "peer")] and notes == []
+        variants, notes = bench.peer_variants(None, dtype=torch.float16, device="cpu", example=None)
+        assert variants == [] and notes == ["ONNX Runtime skipped: it runs this model in float32 only, not float16",
+                                            "OpenVINO skipped: compared in float32 and bfloat16 only"]
+        import openvino
+
+        bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        variants, notes = bench.peer_variants(None, dtype=torch.bfloat16, device="cpu", example=None)
+        assert [v.name for v in variants] == (["OpenVINO bf16"] if bf16 else [])
+        assert notes[0] == "ONNX Runtime skipped: it runs this model in float32 only, not bfloat16"
+        assert notes[1:] == ([] if bf16 else
+                             ["OpenVINO skipped: this CPU has no bf16 instructions OpenVINO uses (AVX512-BF16 or AMX)"])
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    variants, notes = bench.peer_variants(None, dtype=torch.float32, device="cpu", example=None)
+    assert variants == [] and notes == ["ONNX Runtime, OpenVINO skipped: onnx is not installed (pip install 'resnet-fused[peers]')"]
+
+
+def test_environment_names_the_cpu_and_its_isa(monkeypatch, tmp_path):
+    from resnet_fused import bench
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+                       "flags\t\t: fpu sse avx2 fma avx512f avx512bw avx512_bf16 amx_bf16 amx_tile avx512_fp16 avx_vnni\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    env = bench.environment("cpu")
+    assert env["cpu_model"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert env["cpu_flags"] == ["avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx_vnni",
+                                "amx_tile", "amx_bf16"]
+    for module in bench.PEERS:
+        assert (module in env) == (importlib.util.find_spec(module) is not None)
