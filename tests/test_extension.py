@@ -255,6 +255,35 @@ def test_cpu_path_switch(residual, monkeypatch):
     assert "mkldnn::_convolution_pointwise" not in called and "aten::convolution" in called
 
 
+@needs_ext
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize(
+    "shape, flags, layout, fused_add",
+    [
+        ("grouped3x3", "bias_res_relu", "channels_last", False),
+        ("grouped3x3", "res_relu", "nchw", False),
+        ("3x3s2", "bias_res_relu", "channels_last", True),
+        ("3x3s2", "res_relu", "nchw", True),  # NCHW, but the prepacked weight lets ATen fuse
+    ],
+)
+def test_onednn_binary_op_only_where_aten_fuses_it(shape, flags, layout, fused_add, monkeypatch):
+    """The residual goes to ATen's conv + add op (13 arguments; the plain conv op has 10) only where
+    ATen fuses the add: elsewhere (groups > 1) that op runs the conv and then at::add_relu_, which has
+    no bf16 kernel: bf16 grouped convs with a residual failed with "Unsupported datatype for
+    add_relu" on CPUs with oneDNN bf16 (AVX512-BF16). Such calls take oneDNN's conv and our epilogue.
+    The route does not depend on the dtype, so it is checked in fp32, which every CPU runs; the bf16
+    cases of test_conv_bf16_cpu run it where oneDNN has bf16."""
+    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "1")
+    monkeypatch.setenv(extension.AVX2_CONV_ENV, "0")
+    x, weight, bias, kwargs = make_conv_case(shape, flags, layout, torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = call_conv(x, weight, bias, kwargs)
+    calls = [len(e.input_shapes) for e in prof.events() if e.name == "mkldnn::_convolution_pointwise"]
+    assert calls == [13 if fused_add else 10]
+    assert out.is_contiguous(memory_format=expected_format(x, weight))
+    assert_close(out, reference_conv_bias_act(x, weight, bias, **kwargs))
+
+
 # ---- oneDNN's path packs each weight once per input shape (csrc/cpu/weight_cache.h) and must never
 # answer with the packed copy of an older or another weight.
 

@@ -5,6 +5,14 @@ freezing path emits), with weights reordered once into oneDNN's blocked layout f
 shape: without that reorder oneDNN converts the weight on every call, which costs more than the
 convolution at batch 1. Private ops can vanish between releases, so their presence is checked at
 import and the backend reports itself unavailable (and ``ops`` falls back) when they are missing.
+
+NaN: oneDNN fuses the bias and the residual add, never the ReLU: its ReLU post-op turns NaN into 0
+(measured on AVX2, reported on AVX-512), where eager keeps it; the ReLU is ``relu_`` on the output.
+
+The convolution is the custom op ``torch.ops.resnet_fused_onednn.conv_bias_act`` with a fake
+kernel, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one opaque op per conv and
+the weight packing and its cache run only in the op's real kernel. Plain eager calls (nobody
+tracing) run that kernel directly: the custom op's dispatch would cost more than a cache hit.
 """
 
 from __future__ import annotations
@@ -12,9 +20,12 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from typing import Optional
 
 import torch
+from torch._prims_common import suggest_memory_format
 
+from .. import _shapes
 from .torch_backend import add_relu, bias_act  # noqa: F401 - oneDNN adds nothing to elementwise ops
 
 NAME = "onednn"
@@ -83,16 +94,66 @@ class _PackedWeights:
 _PACKED = _PackedWeights()
 
 
-def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
+def _output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    # The extension's rule (conv_output_format in csrc/common.h), so that the fake kernel can know it:
+    # oneDNN itself answers channels_last or not depending on whether the weight could be packed.
+    if torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
     if weight.is_inference():
         # Inference tensors carry no version counter: pack per call rather than risk a stale cache.
         packed = weight.contiguous()
     else:
-        packed = _PACKED.get(weight, tuple(x.shape), stride, padding, groups)
-    unary = "relu" if relu else "none"
+        packed = _PACKED.get(weight, tuple(x.shape), tuple(stride), tuple(padding), groups)
     if residual is None:
-        return _OPS[0](x, packed, bias, list(padding), list(stride), _ONE, groups, unary, [None], None)
-    # The binary post-op reads the residual in the output's layout, which follows the input's.
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    residual = residual.contiguous(memory_format=layout)
-    return _OPS[1](x, residual, packed, bias, list(padding), list(stride), _ONE, groups, "add", 1.0, unary, [None], None)
+        out = _OPS[0](x, packed, bias, list(padding), list(stride), _ONE, groups, "none", [None], None)
+    else:
+        # The binary post-op reads the residual in the output's layout, which follows the input's.
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        residual = residual.contiguous(memory_format=layout)
+        out = _OPS[1](x, residual, packed, bias, list(padding), list(stride), _ONE, groups, "add", 1.0, None, [None], None)
+    out = out.contiguous(memory_format=_output_format(x, weight))
+    return out.relu_() if relu else out
+
+
+@torch.library.custom_op("resnet_fused_onednn::conv_bias_act", mutates_args=(), device_types="cpu")
+def _conv_bias_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: list[int],
+    padding: list[int],
+    groups: int,
+    residual: Optional[torch.Tensor],
+    relu: bool,
+) -> torch.Tensor:
+    return _conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
+
+
+@_conv_bias_act_op.register_fake
+def _(x, weight, bias, stride, padding, groups, residual, relu):
+    shape = _shapes.conv_output_shape(x.shape, weight.shape, stride, padding)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_format(x, weight))
+
+
+def _plain_eager(x, weight, bias, residual) -> bool:
+    """Whether nobody is tracing or intercepting ops (torch.compile, export, fake tensors, dispatch
+    or function modes), so the kernel may run without the custom op around it."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and type(x) is torch.Tensor
+        and type(weight) is torch.Tensor
+        and (bias is None or type(bias) is torch.Tensor)
+        and (residual is None or type(residual) is torch.Tensor)
+    )
+
+
+def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
+    if _plain_eager(x, weight, bias, residual):
+        return _conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
+    return torch.ops.resnet_fused_onednn.conv_bias_act(x, weight, bias, list(stride), list(padding), groups, residual, relu)
