@@ -47,16 +47,22 @@ _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+_SHIM = []  # the shim's module once loaded in this process
+
+
 def _importable() -> None:
     """Import ``resnet_fused`` and ``resnet_fused.kernels`` from this source tree, installed or not."""
-    if _REPO not in sys.path:
+    if not _SHIM:
         # This tree first, even where another is installed (editable or not): it is the one to check.
-        sys.path[:0] = [_REPO, os.path.join(_REPO, "benchmarks", "shim")]
+        # A spawned worker inherits sys.path but not the shim's import hook, hence the flag.
+        if _REPO not in sys.path:
+            sys.path.insert(0, _REPO)
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("_kernels_shim", os.path.join(_REPO, "benchmarks", "shim",
                                                                                    "sitecustomize.py"))
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # maps kernels/ to resnet_fused.kernels
+        _SHIM.append(importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(_SHIM[0])  # maps kernels/ to resnet_fused.kernels
 
 
 def _stand_in_driver(arch: int):
