@@ -115,7 +115,7 @@ def save_program(module: nn.Module, example_inputs: tuple, path, *, dynamic_batc
     path = _output_path(path)
     program = _export(module, example_inputs, dynamic_batch)
     with warnings.catch_warnings():
-        # torch says this of every channels_last buffer (it looks for a contiguous one) and then
+        # torch says this of our channels_last weights (no tensor it deems complete) and then
         # saves its whole storage, which is right: the round-trip tests compare bit for bit.
         warnings.filterwarnings("ignore", message="No complete tensor found in the group")
         torch.export.save(program, path)
