@@ -100,7 +100,7 @@ fi
 
 # ---- the plan: every stage with its estimated seconds on the GPU machine ------------------------
 # Estimates for an H100/H200 with 16 cores from cold: torch.compile (inductor, freezing) of resnet50
-# ~60 s per batch size; the warm-up's ~150 kernels at ~2 s each on 16 cores (sm90_compile_check
+# ~60 s per batch size; the warm-up's ~150 kernels at ~1.3 s each on 16 cores (sm90_compile_check
 # --plan prints its own estimate); the extension ~60 s (its 8 sources on 8 cores; 2 min on 2).
 PLAN=(
   "environment|10"
