@@ -24,6 +24,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -318,7 +319,13 @@ at::Tensor conv_onednn(
     ops.unary->callBoxed(&stack);
   }
   at::Tensor out = stack.at(0).toTensor().contiguous(format);
-  conv_epilogue_with(epilogue_cpu, out, std::nullopt, fused_add ? std::nullopt : residual, relu, format);
+  if (residual.has_value() && !fused_add) {
+    conv_epilogue_with(epilogue_cpu, out, std::nullopt, residual, relu, format);
+  } else if (relu) {
+    // ATen's relu_ keeps NaN too, and is built for each ISA, unlike our epilogue (see above): on
+    // 8x64x56x56 here relu_ took 0.16 ms, our bias_act (with its fresh output) 1.6 ms.
+    out.relu_();
+  }
   return out;
 }
 
