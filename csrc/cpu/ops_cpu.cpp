@@ -73,7 +73,9 @@ void epilogue_run(
   auto add_bias = [&](AVec v, int64_t offset) {
     return v + (bias_vec != nullptr ? AVec::loadu(bias_vec + offset) : bias_splat);
   };
-  auto act = [&](AVec v) { return relu ? at::vec::maximum(v, zero) : v; };
+  // clamp_min(v, 0) is v < 0 ? 0 : v, which keeps NaN, and a plain select the compiler vectorizes;
+  // at::vec::maximum also keeps NaN but tests each lane for it, scalar, in this baseline-ISA build.
+  auto act = [&](AVec v) { return relu ? at::vec::clamp_min(v, zero) : v; };
   int64_t i = 0;
   if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
     using Vec = at::vec::Vectorized<T>;
