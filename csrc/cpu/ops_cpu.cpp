@@ -193,8 +193,8 @@ constexpr const char* kOneDnnEnv = "RESNET_FUSED_ONEDNN_FUSED";
 
 // Whether this call goes through oneDNN's fused post-ops: yes wherever they can compute it, since
 // they run the same oneDNN convolution that at::convolution would pick for these dtypes, with the
-// weight prepacked and the bias and add fused. RESNET_FUSED_ONEDNN_FUSED=0 turns it off (for comparisons and to test
-// the other path); torch.backends.mkldnn.enabled=False does too.
+// weight prepacked and the bias and add fused. RESNET_FUSED_ONEDNN_FUSED=0 turns it off (for
+// comparisons and to test the other path); torch.backends.mkldnn.enabled=False does too.
 bool use_onednn(const at::Tensor& x) {
   if (env_switch(kOneDnnEnv) == 0 || !at::globalContext().userEnabledMkldnn()) {
     return false;
@@ -286,8 +286,8 @@ at::Tensor onednn_weight(
   }
 }
 
-// oneDNN's convolution with the bias, and the residual add where ATen fuses it, as post-ops; the
-// ReLU (and an add ATen would not fuse) then in one pass of our epilogue over the output.
+// oneDNN's convolution with the bias, and the residual add where ATen fuses it, as post-ops; then
+// the ReLU in place, or, with an add ATen would not fuse, our epilogue (add + ReLU in one pass).
 // WHY not oneDNN's ReLU post-op: it computes max(x, 0) with the operands in the order that turns a
 // NaN into 0 (seen on AVX2 here and on AVX-512), so a corrupted input came out as plausible
 // activations, unlike eager. Its bias and add post-ops keep NaN (IEEE adds on every ISA).
