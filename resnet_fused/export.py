@@ -17,7 +17,7 @@ Two kinds of file, both ``.pt2`` archives:
   ``lib/`` on the library path. The ``torch`` backend needs nothing more.
   On CPU, Inductor compiles the package with ``-march=native``: build it on the kind of CPU that
   will serve it (a package built where AVX-512 exists may not run where it does not).
-  Backends whose kernels are Python custom ops (``triton`` here) cannot be compiled into a package:
+  Backends whose kernels are Python custom ops (``triton``, ``onednn``) cannot be compiled into a package:
   :func:`save_aoti_package` refuses them and says which backend to use instead.
 
 The batch dimension is dynamic by default: the saved model takes any batch size >= 1, every other
@@ -142,7 +142,7 @@ def save_aoti_package(module: nn.Module, example_inputs: tuple, path, *, dynamic
 
     Works for fused models on the ``extension`` backend (its C++ ops are called by name: load the
     extension's library in the serving process, see the module docstring) and the ``torch``
-    backend. A model whose ops are Python custom ops (the ``triton`` backend) raises
+    backend. A model whose ops are Python custom ops (the ``triton`` and ``onednn`` backends) raises
     :class:`ExportError`. ``dynamic_batch`` as in :func:`save_program`. Compiling takes tens of
     seconds (C++). Returns the path written. Load it with :func:`load`.
     """

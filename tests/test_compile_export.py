@@ -237,11 +237,12 @@ def test_aoti_package_runs_without_resnet_fused_python(tmp_path, nan_filled_empt
     assert_close(out1, here[:1].double(), rel=REL_TOL[torch.float32])
 
 
-def test_aoti_package_refuses_python_custom_ops(tmp_path):
-    _, fused, x = _case("triton")
-    with pytest.raises(export.ExportError, match=r"resnet_fused_triton::conv_bias_act.*backend='extension'"):
-        export.save_aoti_package(fused, (x,), tmp_path / "triton.pt2")
-    assert not (tmp_path / "triton.pt2").exists()
+@pytest.mark.parametrize("backend", ["triton", "onednn"])
+def test_aoti_package_refuses_python_custom_ops(backend, tmp_path):
+    _, fused, x = _case(backend)
+    with pytest.raises(export.ExportError, match=rf"resnet_fused_{backend}::conv_bias_act.*backend='extension'"):
+        export.save_aoti_package(fused, (x,), tmp_path / "model.pt2")
+    assert not (tmp_path / "model.pt2").exists()
 
 
 class _FixedBatch(nn.Module):
