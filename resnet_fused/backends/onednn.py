@@ -26,6 +26,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from .. import _shapes
+from . import plain_eager
 from .torch_backend import add_relu, bias_act  # noqa: F401 - oneDNN adds nothing to elementwise ops
 
 NAME = "onednn"
@@ -139,21 +140,7 @@ def _(x, weight, bias, stride, padding, groups, residual, relu):
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_output_format(x, weight))
 
 
-def _plain_eager(x, weight, bias, residual) -> bool:
-    """Whether nobody is tracing or intercepting ops (torch.compile, export, fake tensors, dispatch
-    or function modes), so the kernel may run without the custom op around it."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
-        and type(x) is torch.Tensor
-        and type(weight) is torch.Tensor
-        and (bias is None or type(bias) is torch.Tensor)
-        and (residual is None or type(residual) is torch.Tensor)
-    )
-
-
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
-    if _plain_eager(x, weight, bias, residual):
+    if plain_eager(x, weight, bias, residual):
         return _conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
     return torch.ops.resnet_fused_onednn.conv_bias_act(x, weight, bias, list(stride), list(padding), groups, residual, relu)

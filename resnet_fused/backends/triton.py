@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _shapes
+from . import plain_eager
 
 NAME = "triton"
 
@@ -74,19 +75,6 @@ def _kernels():
 _KERNELS = None
 
 
-def _plain_eager(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a call may skip the custom op and run its kernel directly: plain tensors, and nobody
-    tracing or intercepting ops (no torch.compile, export, fake tensors or dispatch/function modes),
-    so the custom op's dispatch would only cost time (measured: more than the rest of the call)."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()):
-        return False
-    for t in tensors:
-        if t is not None and type(t) is not torch.Tensor:
-            return False
-    return True
-
-
 @torch.library.custom_op("resnet_fused_triton::conv_bias_act", mutates_args=())
 def _conv_bias_act(
     x: torch.Tensor,
@@ -137,7 +125,7 @@ def _(x, bias, relu):
 
 
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
-    if _plain_eager(x, weight, bias, residual):
+    if plain_eager(x, weight, bias, residual):
         with _device_of(x):
             return _kernels().conv.conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
     return torch.ops.resnet_fused_triton.conv_bias_act(
@@ -146,14 +134,14 @@ def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
 
 
 def add_relu(x, residual):
-    if _plain_eager(x, residual):
+    if plain_eager(x, residual):
         with _device_of(x):
             return _kernels().pointwise.add_relu(x, residual)
     return torch.ops.resnet_fused_triton.add_relu(x, residual)
 
 
 def bias_act(x, bias, relu):
-    if _plain_eager(x, bias):
+    if plain_eager(x, bias):
         with _device_of(x):
             return _kernels().pointwise.bias_act(x, bias, relu)
     return torch.ops.resnet_fused_triton.bias_act(x, bias, relu)
