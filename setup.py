@@ -11,6 +11,7 @@ Build against the torch already installed: ``pip install --no-build-isolation -e
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -106,7 +107,26 @@ def _extensions():
         extension = CppExtension(
             "resnet_fused._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": _build_ext_class(BuildExtension)}
+
+
+def _build_ext_class(build_extension):
+    """torch's BuildExtension with ninja, compiling into a fixed folder under ``build/``.
+
+    WHY: pip's editable install points the build at a fresh temporary folder, so every ``pip
+    install -e .`` (the README's run command, then its test command) recompiled the whole
+    extension, CUDA included; in a fixed folder ninja keeps the objects whose sources, headers and
+    flags did not change."""
+    import sysconfig
+
+    base = build_extension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+    return BuildExt
 
 
 ext_modules, cmdclass = _extensions()
