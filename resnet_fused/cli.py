@@ -71,24 +71,23 @@ _START = time.monotonic()
 
 # --- checks on the arguments alone (no torch) -------------------------------------------------
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise UsageError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(minimum: int, meaning: str):
+    """An argparse type: an int of at least ``minimum``, refused as '``meaning``' otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise UsageError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise UsageError(f"must be {meaning}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise UsageError(f"must be 0 or more, got {value}")
-    return value
+_positive = _whole_number(1, "at least 1")
+_non_negative = _whole_number(0, "0 or more")
 
 
 def _dtype_name(text: str) -> str:
