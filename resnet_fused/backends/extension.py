@@ -6,10 +6,16 @@ implements the backend contract of :mod:`resnet_fused.backends`.
 
 Path switches, read on every call so a benchmark can compare the paths in one process:
 
-- ``RESNET_FUSED_CUDNN_FUSED`` (CUDA): ``1`` uses cuDNN's fused conv+bias+add+ReLU
-  (``aten::cudnn_convolution_add_relu``) for every conv with a residual and ReLU, ``0`` never
-  (cuDNN convolution + our epilogue kernel), unset or ``auto`` picks per shape and dtype (see
-  ``cudnn_fused_preferred`` in ``csrc/cuda/ops_cuda.cpp``).
+- ``RESNET_FUSED_CUDNN_FUSED`` (CUDA): ``1`` runs every conv with an epilogue (bias, residual
+  and/or ReLU) as one fused cuDNN call wherever cuDNN has an engine for it (our cuDNN operation
+  graph, ``csrc/cuda/fused_conv_graph.cpp``; in a build without cuDNN's headers only conv +
+  residual + ReLU, through ``aten::cudnn_convolution_add_relu``); ``0`` never (cuDNN convolution +
+  our epilogue kernel); unset or ``auto``: the first call of each conv signature (shapes, dtype,
+  layout, epilogue, alignment) times both and keeps the faster. A signature first seen during CUDA
+  graph capture, where timing is impossible, takes the fused call untimed only for half/bfloat16
+  channels_last convs with channel counts divisible by 8. A signature cuDNN builds no fused graph
+  for warns once and runs convolution + epilogue from then on. ``build_info()["cudnn_graph"]``
+  says whether the graphs are available (``cudnn_graph_reason``: why not).
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
 - ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) for 3x3
@@ -21,6 +27,10 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed
   activations to the kernel and every forward page-faults them back in, 13% of resnet50's batch-8
   time here). The value caps the MiB kept in free blocks (default 1024); ``0`` turns the pool off.
+
+NaN: every CPU path gives eager's NaNs, whatever kernel the per-shape timing picks: oneDNN fuses
+only the bias and the residual add (its ReLU post-op turns NaN into 0), and Winograd hands calls
+with Inf/NaN values to the implicit GEMM.
 
 On oneDNN's path the weight is reordered into oneDNN's blocked layout once per (weight, input
 shape) and the packed copy reused (``csrc/cpu/weight_cache.h``), as the ``onednn`` backend does: an
