@@ -39,9 +39,61 @@ struct Geometry {
 };
 
 #if RF_HAVE_X86
+// The 1-D transforms, applied along columns then rows. Written once for a vector of 8 channels
+// and once for one channel (the tail of a C that is not a multiple of 8), with the same operation
+// order, so every channel gets bit-identical sums whichever loop computes it.
+template <typename V, typename Ops>
+RF_AVX2 inline void input_1d(const V (&d)[4], V (&t)[4], Ops ops) {  // B^T d
+  t[0] = ops.sub(d[0], d[2]);
+  t[1] = ops.add(d[1], d[2]);
+  t[2] = ops.sub(d[2], d[1]);
+  t[3] = ops.sub(d[1], d[3]);
+}
+
+template <typename V, typename Ops>
+RF_AVX2 inline void output_1d(const V (&m)[4], V (&a)[2], Ops ops) {  // A^T m
+  a[0] = ops.add(ops.add(m[0], m[1]), m[2]);
+  a[1] = ops.sub(ops.sub(m[1], m[2]), m[3]);
+}
+
+struct VecOps {
+  RF_AVX2 __m256 add(__m256 a, __m256 b) const { return _mm256_add_ps(a, b); }
+  RF_AVX2 __m256 sub(__m256 a, __m256 b) const { return _mm256_sub_ps(a, b); }
+  RF_AVX2 __m256 load(const float* p) const { return _mm256_loadu_ps(p); }
+  RF_AVX2 void store(float* p, __m256 v) const { _mm256_storeu_ps(p, v); }
+};
+
+struct ScalarOps {
+  float add(float a, float b) const { return a + b; }
+  float sub(float a, float b) const { return a - b; }
+  float load(const float* p) const { return *p; }
+  void store(float* p, float v) const { *p = v; }
+};
+
+// B^T d B of one 4x4 patch for channels [ch, ch + 8) (or one channel), the 16 results written
+// `plane` floats apart. WHY in registers: the two passes went through a scratch row buffer, and at
+// C = 64 the input transform took 63% of the GEMMs' time; here each input is loaded once and each
+// output stored once.
+template <typename V, typename Ops>
+RF_AVX2 inline void input_tile(const float* const (&d)[4][4], int64_t ch, int64_t plane, float* out, Ops ops) {
+  V cols[4][4];  // cols[j] = B^T applied to column j of the patch
+  for (int j = 0; j < 4; ++j) {
+    const V column[4] = {ops.load(d[0][j] + ch), ops.load(d[1][j] + ch), ops.load(d[2][j] + ch), ops.load(d[3][j] + ch)};
+    input_1d(column, cols[j], ops);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const V row[4] = {cols[0][i], cols[1][i], cols[2][i], cols[3][i]};
+    V v[4];
+    input_1d(row, v, ops);
+    for (int j = 0; j < 4; ++j) {
+      ops.store(out + (i * 4 + j) * plane + ch, v[j]);
+    }
+  }
+}
+
 // d (4x4 patch per channel) -> B^T d B, written as 16 rows of `plane` stride.
 RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t count, const float* zero,
-                             float* rows, float* v) {
+                             float* v) {
   const int64_t c = g.c;
   const int64_t plane = count * c;
   for (int64_t u = 0; u < count; ++u) {
@@ -55,96 +107,77 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
         d[i][j] = (yy < 0 || yy >= g.h || xx < 0 || xx >= g.w) ? zero : x + ((img * g.h + yy) * g.w + xx) * c;
       }
     }
-    for (int j = 0; j < 4; ++j) {
-      float* r0 = rows + (0 * 4 + j) * c;
-      float* r1 = rows + (1 * 4 + j) * c;
-      float* r2 = rows + (2 * 4 + j) * c;
-      float* r3 = rows + (3 * 4 + j) * c;
-      const float *d0 = d[0][j], *d1 = d[1][j], *d2 = d[2][j], *d3 = d[3][j];
-      for (int64_t ch = 0; ch < c; ++ch) {
-        r0[ch] = d0[ch] - d2[ch];
-        r1[ch] = d1[ch] + d2[ch];
-        r2[ch] = d2[ch] - d1[ch];
-        r3[ch] = d1[ch] - d3[ch];
-      }
-    }
     float* out = v + u * c;
-    for (int i = 0; i < 4; ++i) {
-      const float* a0 = rows + (i * 4 + 0) * c;
-      const float* a1 = rows + (i * 4 + 1) * c;
-      const float* a2 = rows + (i * 4 + 2) * c;
-      const float* a3 = rows + (i * 4 + 3) * c;
-      float* o0 = out + (i * 4 + 0) * plane;
-      float* o1 = out + (i * 4 + 1) * plane;
-      float* o2 = out + (i * 4 + 2) * plane;
-      float* o3 = out + (i * 4 + 3) * plane;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        o0[ch] = a0[ch] - a2[ch];
-        o1[ch] = a1[ch] + a2[ch];
-        o2[ch] = a2[ch] - a1[ch];
-        o3[ch] = a1[ch] - a3[ch];
-      }
+    int64_t ch = 0;
+    for (; ch + 8 <= c; ch += 8) {
+      input_tile<__m256>(d, ch, plane, out, VecOps{});
     }
+    for (; ch < c; ++ch) {
+      input_tile<float>(d, ch, plane, out, ScalarOps{});
+    }
+  }
+}
+
+// The 2x2 outputs of one tile for channels [ch, ch + 8): A^T m A.
+template <typename V, typename Ops>
+RF_AVX2 inline void output_tile(const float* mt, int64_t plane, int64_t ch, V (&y)[2][2], Ops ops) {
+  V cols[4][2];  // cols[j] = A^T applied to column j of the 4x4 points
+  for (int j = 0; j < 4; ++j) {
+    const V column[4] = {ops.load(mt + (0 * 4 + j) * plane + ch), ops.load(mt + (1 * 4 + j) * plane + ch),
+                         ops.load(mt + (2 * 4 + j) * plane + ch), ops.load(mt + (3 * 4 + j) * plane + ch)};
+    output_1d(column, cols[j], ops);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const V row[4] = {cols[0][i], cols[1][i], cols[2][i], cols[3][i]};
+    output_1d(row, y[i], ops);
   }
 }
 
 // A^T m A (2x2 outputs per tile) + bias (+ residual), ReLU, into y for channels [k0, k0 + kc).
 // Returns whether any output before the ReLU was Inf or NaN (see conv() in winograd.h for why).
 RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int64_t count, int64_t k0, int64_t kc,
-                              const float* bias, const float* residual, bool relu, float* rows, float* y) {
-  // An integer OR of "exponent all ones" keeps the channel loop vectorized (a float reduction
-  // would not be, without -ffast-math).
-  uint32_t nonfinite = 0;
+                              const float* bias, const float* residual, bool relu, float* y) {
   const int64_t plane = count * kc;
   const float* b = bias + k0;
+  const __m256 zero = _mm256_setzero_ps();
+  // s - s is 0 for a finite s and NaN for an Inf or NaN: one compare flags both, lane by lane.
+  __m256 nonfinite = zero;
   for (int64_t u = 0; u < count; ++u) {
     const int64_t t = t0 + u;
     const int64_t img = t / (g.th * g.tw), rest = t % (g.th * g.tw);
     const int64_t y0 = 2 * (rest / g.tw), x0 = 2 * (rest % g.tw);
+    const int64_t rows = std::min<int64_t>(2, g.h - y0), cols = std::min<int64_t>(2, g.w - x0);
     const float* mt = m + u * kc;
-    for (int j = 0; j < 4; ++j) {
-      const float* m0 = mt + (0 * 4 + j) * plane;
-      const float* m1 = mt + (1 * 4 + j) * plane;
-      const float* m2 = mt + (2 * 4 + j) * plane;
-      const float* m3 = mt + (3 * 4 + j) * plane;
-      float* a0 = rows + j * kc;
-      float* a1 = rows + (4 + j) * kc;
-      for (int64_t ch = 0; ch < kc; ++ch) {
-        a0[ch] = m0[ch] + m1[ch] + m2[ch];
-        a1[ch] = m1[ch] - m2[ch] - m3[ch];
+    float* dst[2][2] = {};
+    const float* res[2][2] = {};
+    for (int i = 0; i < rows; ++i) {
+      for (int j = 0; j < cols; ++j) {
+        const int64_t offset = ((img * g.h + y0 + i) * g.w + x0 + j) * g.k + k0;
+        dst[i][j] = y + offset;
+        res[i][j] = residual == nullptr ? nullptr : residual + offset;
       }
     }
-    for (int i = 0; i < 2; ++i) {
-      const int64_t yy = y0 + i;
-      if (yy >= g.h) {
-        break;
-      }
-      const float* a0 = rows + (i * 4 + 0) * kc;
-      const float* a1 = rows + (i * 4 + 1) * kc;
-      const float* a2 = rows + (i * 4 + 2) * kc;
-      const float* a3 = rows + (i * 4 + 3) * kc;
-      for (int j = 0; j < 2; ++j) {
-        const int64_t xx = x0 + j;
-        if (xx >= g.w) {
-          break;
-        }
-        const int64_t offset = ((img * g.h + yy) * g.w + xx) * g.k + k0;
-        float* dst = y + offset;
-        const float* res = residual == nullptr ? nullptr : residual + offset;
-        for (int64_t ch = 0; ch < kc; ++ch) {
-          float s = (j == 0 ? a0[ch] + a1[ch] + a2[ch] : a1[ch] - a2[ch] - a3[ch]) + b[ch];
-          if (res != nullptr) {
-            s += res[ch];
+    for (int64_t ch = 0; ch < kc; ch += 8) {  // kc is a multiple of kPanel
+      __m256 out[2][2];
+      output_tile<__m256>(mt, plane, ch, out, VecOps{});
+      const __m256 bv = _mm256_loadu_ps(b + ch);
+      for (int i = 0; i < rows; ++i) {
+        for (int j = 0; j < cols; ++j) {
+          __m256 s = _mm256_add_ps(out[i][j], bv);
+          if (residual != nullptr) {
+            s = _mm256_add_ps(s, _mm256_loadu_ps(res[i][j] + ch));
           }
-          uint32_t bits;
-          std::memcpy(&bits, &s, sizeof(bits));
-          nonfinite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-          dst[ch] = (relu && s < 0.f) ? 0.f : s;
+          nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(_mm256_sub_ps(s, s), zero, _CMP_NEQ_UQ));
+          if (relu) {
+            // Zero where s < 0; a NaN compares false and stays NaN, like torch.relu.
+            s = _mm256_andnot_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), s);
+          }
+          _mm256_storeu_ps(dst[i][j] + ch, s);
         }
       }
     }
   }
-  return nonfinite != 0;
+  return _mm256_movemask_ps(nonfinite) != 0;
 }
 #endif
 
@@ -206,14 +239,13 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch kept across calls: a fresh multi-megabyte buffer per call costs page faults.
     thread_local std::vector<float> scratch;
-    const size_t need = kFreq * block * (g.c + kc) + g.c + kFreq * std::max(g.c, kc);
+    const size_t need = kFreq * block * (g.c + kc) + g.c;
     if (scratch.size() < need) {
       scratch.resize(need);
     }
     float* v = scratch.data();
     float* m = v + kFreq * block * g.c;
     float* zero = m + kFreq * block * kc;
-    float* rows = zero + g.c;
     std::fill(zero, zero + g.c, 0.f);
     thread_local std::vector<const float*> row_ptrs;
     row_ptrs.resize(block);
@@ -222,7 +254,7 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
       const int64_t blk = item / k_groups, kg = item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
-        input_transform(xp, g, t0, count, zero, rows, v);
+        input_transform(xp, g, t0, count, zero, v);
         cached_block = blk;
       }
       for (int64_t f = 0; f < kFreq; ++f) {
@@ -235,7 +267,7 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
                           m + f * count * kc + p * kPanel, kc, avx2::Epilogue{});
         }
       }
-      if (output_transform(m, g, t0, count, kg * kc, kc, bp, rp, relu, rows, yp)) {
+      if (output_transform(m, g, t0, count, kg * kc, kc, bp, rp, relu, yp)) {
         nonfinite.store(true, std::memory_order_relaxed);
       }
     }
