@@ -1,15 +1,16 @@
-"""The extension's own AVX2 CPU convolutions, Winograd F(2x2, 3x3) (csrc/cpu/winograd_cpu.cpp) and
-the implicit GEMM (csrc/cpu/implicit_gemm_cpu.cpp), and the per-shape choice between them and the
-direct (oneDNN) convolution.
+"""The extension's own AVX2 CPU convolutions, Winograd F(2x2, 3x3) and F(4x4, 3x3)
+(csrc/cpu/winograd_cpu.cpp) and the implicit GEMM (csrc/cpu/implicit_gemm_cpu.cpp), and the
+per-shape choice between them and the direct (oneDNN) convolution.
 
 RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, groups 1, output channels a
 multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
 kernel size, stride and padding), =0 turns them off, unset times all candidates on a shape's first
-call.
+call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant.
 """
 
 from __future__ import annotations
 
+import gc
 import platform
 
 import pytest
@@ -20,13 +21,16 @@ from test_extension import make_4d
 from utils import assert_close, reference_conv_bias_act
 
 AVX2_CONV_ENV = extension.AVX2_CONV_ENV
+WINOGRAD_TILE_ENV = extension.WINOGRAD_TILE_ENV
+# Output tile sides of the two Winograd variants.
+TILES = [2, 4]
 
 pytestmark = [
     pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded"),
     pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 kernels are x86-64 only"),
 ]
 
-# (N, C, K, H, W): odd sizes leave partial 2x2 tiles at the bottom and right edges; C not a
+# (N, C, K, H, W): odd sizes leave partial 2x2 and 4x4 tiles at the bottom and right edges; C not a
 # multiple of the vector width; 1x1 maps are a single tile of padding; 384x384 makes the packed
 # weight larger than 8 MiB, which selects the large tile block.
 SHAPES = [
@@ -78,10 +82,16 @@ def forced(monkeypatch, nan_filled_empty_exact_fp32):
     monkeypatch.setenv(AVX2_CONV_ENV, "1")
 
 
+@pytest.fixture(params=TILES, ids=[f"F{t}x{t}" for t in TILES])
+def tile(request, monkeypatch):
+    monkeypatch.setenv(WINOGRAD_TILE_ENV, str(request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
-def test_winograd_matches_float64(shape, flags, layout, forced):
+def test_winograd_matches_float64(shape, flags, layout, tile, forced):
     x, weight, bias, residual, relu = make_case(shape, flags, layout)
     assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
     out = conv(x, weight, bias, residual, relu)
@@ -139,7 +149,7 @@ THREAD_CASES = [((1, 64, 128, 6, 6), 3), ((2, 16, 32, 30, 26), 3), ((2, 16, 32, 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", THREAD_CASES, ids=["one_block", "winograd_blocks", "igemm_blocks"])
-def test_any_thread_count(case, threads, forced):
+def test_any_thread_count(case, threads, tile, forced):
     """The work split (row blocks x output-channel groups) depends on the thread count."""
     shape, kernel = case
     x, weight, bias, residual, relu = make_case(shape, (True, True, True), "channels_last", kernel=kernel)
@@ -152,13 +162,37 @@ def test_any_thread_count(case, threads, forced):
     assert_close(out, reference(x, weight, bias, residual, relu))
 
 
-def test_winograd_keeps_nan(forced):
+def test_winograd_keeps_nan(tile, forced):
     x, weight, bias, _, _ = make_case((1, 16, 16, 4, 4), (True, False, True), "channels_last")
     x[0, 3, 1, 2] = float("nan")
     out = conv(x, weight, bias, None, True)
     # The NaN reaches exactly the 3x3 neighbourhood of its pixel, through every output channel.
     assert torch.isnan(out[0, :, 0:3, 1:4]).all()
     assert torch.isfinite(out[0, :, 3:, :]).all() and torch.isfinite(out[0, :, :, 0]).all()
+
+
+@pytest.mark.parametrize("value", ["3", "F4", "yes"])
+def test_winograd_tile_must_be_2_or_4(value, monkeypatch, forced):
+    monkeypatch.setenv(WINOGRAD_TILE_ENV, value)
+    x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 7), (True, False, True), "channels_last")
+    with pytest.raises(RuntimeError, match=WINOGRAD_TILE_ENV):
+        conv(x, weight, bias, residual, relu)
+
+
+def test_timing_keeps_one_transformed_weight(monkeypatch):
+    """Both Winograd variants are timed on a shape's first call; the loser's transformed weight (an
+    F(4x4) copy is 4x the weight) is dropped, the winner's kept."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(WINOGRAD_TILE_ENV, raising=False)
+    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "0")  # the direct candidate packs nothing
+    x, weight, bias, residual, relu = make_case((1, 32, 48, 11, 13), (True, True, True), "channels_last")
+    weight.requires_grad_(False)
+    gc.collect()
+    before = torch.ops.resnet_fused.cpu_weight_cache_size()
+    assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
+    gc.collect()
+    held = torch.ops.resnet_fused.cpu_weight_cache_size() - before
+    assert held == (1 if own_kernel_ran(lambda: conv(x, weight, bias, residual, relu)) else 0)
 
 
 @pytest.mark.parametrize(

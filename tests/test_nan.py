@@ -39,6 +39,7 @@ BAD_ON_EVERY_PATH = ["nan", "inf"]
 # elsewhere; "auto" times the candidates per shape, as users run it.
 PATHS = {
     "ext_ours": ("extension", "1", "1"),
+    "ext_ours_winograd4": ("extension", "1", "1", "4"),
     "ext_ours_aten": ("extension", "1", "0"),
     "ext_onednn": ("extension", "0", "1"),
     "ext_aten_epilogue": ("extension", "0", "0"),
@@ -50,7 +51,9 @@ PATHS = {
 
 @pytest.fixture(params=list(PATHS))
 def path(request, monkeypatch, nan_filled_empty_exact_fp32):
-    backend, avx2, fused = PATHS[request.param]
+    backend, avx2, fused, *tile = PATHS[request.param]
+    if tile:
+        monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, tile[0])
     if backend == "extension" and extension.load_error() is not None:
         pytest.skip(f"resnet_fused._C is not loaded: {extension.load_error()}")
     if backend == "onednn" and onednn.unavailable_reason("cpu", torch.float32) is not None:
@@ -151,12 +154,15 @@ def test_conv_non_finite_like_eager(shape, flags, where, layout, bad, path):
 
 @needs_ext
 @pytest.mark.parametrize("bad", BAD_VALUES)
-@pytest.mark.parametrize("shape, kernel", [("3x3s1", "winograd"), ("3x3s2", "implicit_gemm"), ("stem7x7s2", "implicit_gemm")])
+@pytest.mark.parametrize("shape, kernel", [("3x3s1", "winograd2"), ("3x3s1", "winograd4"), ("3x3s2", "implicit_gemm"),
+                                           ("stem7x7s2", "implicit_gemm")])
 def test_own_kernels_non_finite_like_eager(shape, kernel, bad, monkeypatch, nan_filled_empty_exact_fp32):
     """Our AVX2 kernels by name: the case runs through them (no oneDNN or ATen convolution). Winograd
-    would turn a lone Inf into NaNs (its transforms add and subtract a tile's inputs): such calls go
-    to the implicit GEMM, which sums like eager."""
+    (F(2x2) and F(4x4)) would turn a lone Inf into NaNs (its transforms add and subtract a tile's
+    inputs): such calls go to the implicit GEMM, which sums like eager."""
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
+    if kernel.startswith("winograd"):
+        monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, kernel[-1])
     x, weight, bias, kwargs = make_case(shape, "bias_res_relu", "channels_last")
     x = corrupt(x, BAD_VALUES[bad])
     assert own_kernel_ran(lambda: fused_conv("extension", x, weight, bias, kwargs)), f"{kernel} did not run"

@@ -31,6 +31,8 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -332,32 +334,54 @@ at::Tensor conv_onednn(
 }
 
 // ---- Our own AVX2 convolutions and the per-shape choice between them and the direct (oneDNN or
-// ATen) convolution: Winograd F(2x2, 3x3) for 3x3 stride-1 convs (winograd_cpu.cpp), an implicit
-// GEMM with the epilogue in its store for every other kernel size and stride (implicit_gemm_cpu.cpp).
+// ATen) convolution: Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convs (winograd_cpu.cpp),
+// an implicit GEMM with the epilogue in its store for every other kernel size and stride
+// (implicit_gemm_cpu.cpp).
 //
-// Which is faster depends on the shape and the machine: Winograd does 2.25x fewer multiply-adds but
-// reads a 16/9x larger weight and transforms every tile, so it loses where the weight dominates
-// (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the GEMMs dominate; the implicit
-// GEMM saves oneDNN's separate residual pass but has no cache blocking over C. Like cuDNN's
-// benchmark mode, the first call of each shape times the candidates on the real input and keeps
-// the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply.
+// Which is faster depends on the shape and the machine: Winograd does 2.25x (F(2x2)) or 4x (F(4x4))
+// fewer multiply-adds but reads a 16/9x or 4x larger weight and transforms every tile, so it loses
+// where the weight dominates (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the
+// GEMMs dominate; the implicit GEMM saves oneDNN's separate residual pass but has no cache blocking
+// over C. Like cuDNN's benchmark mode, the first call of each shape times the candidates on the
+// real input and keeps the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does
+// where they apply (Winograd F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one
+// Winograd variant only (forced or timed).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
+constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
 
-enum class Kernel { kDirect, kWinograd, kImplicitGemm };
+enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm };
 
-// Which of our kernels could compute this call, if any.
-Kernel own_kernel(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                  int64_t groups) {
+// RESNET_FUSED_WINOGRAD_TILE: 0 (unset or auto: both), 2 or 4.
+int winograd_tile_setting() {
+  const char* value = std::getenv(kWinogradTileEnv);
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
+    return 0;
+  }
+  TORCH_CHECK(std::strcmp(value, "2") == 0 || std::strcmp(value, "4") == 0, "resnet_fused: ", kWinogradTileEnv,
+              " must be 2, 4 or auto, got '", value, "'");
+  return value[0] - '0';
+}
+
+// Our kernels that could compute this call, the one to use when forced first; empty if none.
+std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, int64_t groups) {
   if (x.scalar_type() != at::kFloat || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
       !avx2::cpu_has_avx2_fma()) {
-    return Kernel::kDirect;
+    return {};
   }
   const int64_t r = weight.size(2), s = weight.size(3);
   if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1) {
-    return Kernel::kWinograd;
+    switch (winograd_tile_setting()) {
+      case 2:
+        return {Kernel::kWinograd2};
+      case 4:
+        return {Kernel::kWinograd4};
+      default:
+        return {Kernel::kWinograd2, Kernel::kWinograd4};
+    }
   }
-  return Kernel::kImplicitGemm;
+  return {Kernel::kImplicitGemm};
 }
 
 // Tiles (Winograd) or output pixels (implicit GEMM) per work item. Small blocks keep a block's data in L2; large
@@ -367,6 +391,11 @@ constexpr int64_t kBlockCandidates[] = {12, 48, 192};
 int64_t default_block(const at::Tensor& packed) {
   return packed.numel() * 4 > (8 << 20) ? 192 : 48;
 }
+
+struct Choice {
+  Kernel kernel = Kernel::kDirect;
+  int64_t block = 0;
+};
 
 struct ShapeKey {
   std::array<int64_t, 10> v;  // x sizes, K, kernel size, stride, threads
@@ -407,24 +436,28 @@ size_t fastest(const std::vector<std::function<void()>>& candidates) {
   return static_cast<size_t>(std::min_element(best.begin(), best.end()) - best.begin());
 }
 
-// Weight re-laid out once per weight for our kernels (weight_cache.h).
+// Weight re-laid out once per weight for our kernels (weight_cache.h), keyed by the kernel.
 WeightCache& own_kernel_weights() {
   static auto* cache = new WeightCache();  // never destroyed, like onednn_weights()
   return *cache;
 }
 
 at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
-  if (kernel == Kernel::kWinograd) {
-    return own_kernel_weights().get(weight, {3}, winograd::transform_weight);
+  const int64_t key[] = {static_cast<int64_t>(kernel)};
+  switch (kernel) {
+    case Kernel::kWinograd2:
+      return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 2); });
+    case Kernel::kWinograd4:
+      return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 4); });
+    default:
+      return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight);
   }
-  return own_kernel_weights().get(weight, {1}, implicit_gemm::pack_weight);
 }
 
 at::Tensor conv_own(
     Kernel kernel,
     const at::Tensor& x,
     const at::Tensor& weight,
-    const at::Tensor& packed,
     const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
@@ -433,22 +466,21 @@ at::Tensor conv_own(
     int64_t block,
     const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
+  const at::Tensor packed = packed_weight(weight, kernel);
   at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
   std::optional<at::Tensor> r;
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
-  if (kernel == Kernel::kWinograd) {
-    if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block)) {
-      // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
-      // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
-      const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemm);
-      return conv_own(Kernel::kImplicitGemm, x, weight, igemm, bias, stride, padding, residual, relu,
-                      default_block(igemm), out_sizes);
-    }
-  } else {
+  if (kernel == Kernel::kImplicitGemm) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out, block);
+  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block)) {
+    // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
+    // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
+    const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemm);
+    return conv_own(Kernel::kImplicitGemm, x, weight, bias, stride, padding, residual, relu, default_block(igemm),
+                    out_sizes);
   }
   return out;
 }
@@ -473,14 +505,13 @@ at::Tensor conv_direct(
   return out;
 }
 
-// The block for our kernel, or 0 for the direct convolution: forced by the environment (`mode`
-// from env_switch), else timed once per shape.
-int64_t choose_block(
+// The kernel and block for this call: forced by the environment (`mode` from env_switch), else
+// timed once per shape.
+Choice choose(
     int mode,
-    Kernel kernel,
+    const std::vector<Kernel>& kernels,
     const at::Tensor& x,
     const at::Tensor& weight,
-    const at::Tensor& packed,
     const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride,
     at::IntArrayRef padding,
@@ -489,10 +520,10 @@ int64_t choose_block(
     c10::MemoryFormat format,
     const std::array<int64_t, 4>& out_sizes) {
   if (mode >= 0) {
-    return mode == 1 ? default_block(packed) : 0;
+    return mode == 1 ? Choice{kernels.front(), default_block(packed_weight(weight, kernels.front()))} : Choice{};
   }
   static std::mutex mutex;
-  static std::unordered_map<ShapeKey, int64_t, ShapeKeyHash> choices;
+  static std::unordered_map<ShapeKey, Choice, ShapeKeyHash> choices;
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                       stride[0], stride[1], at::get_num_threads()},
                      residual.has_value()};
@@ -503,19 +534,29 @@ int64_t choose_block(
       return it->second;
     }
   }
-  // Candidate 0 is the direct convolution (block 0), then our kernel at each block size.
-  std::vector<int64_t> blocks{0};
+  // Candidate 0 is the direct convolution, then each of our kernels at each block size.
+  std::vector<Choice> options{Choice{}};
   std::vector<std::function<void()>> candidates{
       [&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); }};
-  for (int64_t block : kBlockCandidates) {
-    blocks.push_back(block);
-    candidates.push_back(
-        [&, block] { conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format); });
+  for (Kernel kernel : kernels) {
+    for (int64_t block : kBlockCandidates) {
+      options.push_back(Choice{kernel, block});
+      candidates.push_back([&, kernel, block] {
+        conv_own(kernel, x, weight, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format);
+      });
+    }
   }
-  const int64_t best_block = blocks[fastest(candidates)];
+  const Choice best = options[fastest(candidates)];
+  // The losers' packed weights are dropped: an F(4x4) copy of a 3x3 weight is 4x its size.
+  for (Kernel kernel : kernels) {
+    if (kernel != best.kernel) {
+      const int64_t packed_key[] = {static_cast<int64_t>(kernel)};
+      own_kernel_weights().erase(weight, packed_key);
+    }
+  }
   std::lock_guard<std::mutex> lock(mutex);
-  choices.emplace(key, best_block);
-  return best_block;
+  choices.emplace(key, best);
+  return best;
 }
 
 at::Tensor conv_bias_act_cpu(
@@ -529,14 +570,13 @@ at::Tensor conv_bias_act_cpu(
     bool relu) {
   const auto out_sizes = check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
-  const Kernel kernel = own_kernel(x, weight, stride, padding, groups);
-  const int mode = kernel == Kernel::kDirect ? 0 : env_switch(kAvx2ConvEnv);  // read once per call
+  const std::vector<Kernel> kernels = own_kernels(x, weight, stride, padding, groups);
+  const int mode = kernels.empty() ? 0 : env_switch(kAvx2ConvEnv);  // read once per call
   if (x.numel() > 0 && mode != 0) {
-    const at::Tensor packed = packed_weight(weight, kernel);
-    const int64_t block =
-        choose_block(mode, kernel, x, weight, packed, bias, stride, padding, residual, relu, format, out_sizes);
-    if (block > 0) {
-      return conv_own(kernel, x, weight, packed, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format);
+    const Choice choice = choose(mode, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
+    if (choice.kernel != Kernel::kDirect) {
+      return conv_own(choice.kernel, x, weight, bias, stride, padding, residual, relu, choice.block, out_sizes)
+          .contiguous(format);
     }
   }
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);

@@ -97,6 +97,23 @@ class WeightCache {
     return value;
   }
 
+  // Drops the value for `weight` and `key`, if held: for values a caller knows it will not use again.
+  void erase(const at::Tensor& weight, c10::IntArrayRef key) {
+    Dropped dropped;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(weight.unsafeGetTensorImpl());
+    if (it == entries_.end()) {
+      return;
+    }
+    auto& values = it->second.values;
+    for (auto v = values.begin(); v != values.end(); ++v) {
+      if (key.equals(v->first)) {
+        dropped.values.splice(dropped.values.end(), values, v);
+        return;
+      }
+    }
+  }
+
   // Whether get() would cache for this weight (else it makes the value on every call).
   static bool cacheable(const at::Tensor& weight) {
     return weight.defined() && !weight.is_inference() && weight.has_storage();

@@ -1,7 +1,7 @@
 #pragma once
-// Winograd F(2x2, 3x3) convolution on CPU (csrc/cpu/winograd_cpu.cpp): 3x3, stride 1, padding 1,
-// groups 1, fp32, channels_last, output channels a multiple of 16, x86-64 with AVX2 and FMA
-// (avx2_gemm.h).
+// Winograd F(2x2, 3x3) and F(4x4, 3x3) convolutions on CPU (csrc/cpu/winograd_cpu.cpp): 3x3,
+// stride 1, padding 1, groups 1, fp32, channels_last, output channels a multiple of 16, x86-64
+// with AVX2 and FMA (avx2_gemm.h).
 
 #include <ATen/core/Tensor.h>
 
@@ -10,20 +10,23 @@
 namespace resnet_fused {
 namespace winograd {
 
-// The (K, C, 3, 3) weight transformed and packed for conv(): float32 (16, K / 16, C, 16).
-at::Tensor transform_weight(const at::Tensor& weight);
+// The (K, C, 3, 3) weight transformed for output tiles of `tile` x `tile` (2 or 4) and packed for
+// conv(): float32 ((tile + 2)^2, K / 16, C, 16).
+at::Tensor transform_weight(const at::Tensor& weight, int64_t tile);
 
 // out = relu?(conv3x3(x, weight) + bias (+ residual)), all dense channels_last fp32, `u` from
-// transform_weight; `block` tiles per work item (the tuning knob: cache reuse vs weight traffic).
+// transform_weight (its tile size is read off its shape); `block` tiles per work item (the tuning
+// knob: cache reuse vs weight traffic).
 //
 // Returns false when some output was Inf or NaN before the ReLU; `out` is then not the direct
 // convolution's answer and the caller must compute it another way. WHY: the transforms add and
 // subtract the inputs of a tile, so one Inf input becomes +Inf in one transformed point and -Inf in
-// another, and their sum a NaN where the direct convolution gives +-Inf (or 0 after the ReLU).
-// Finite outputs are exact in this respect: an output is non-finite here exactly when its 3x3
-// receptive field holds an Inf or NaN (every transform coefficient is 0 or +-1, and the nonzero
-// ones of an output's row of A^T, through B^T, reach exactly its three input rows), which is also
-// the only way a direct convolution of finite weights gives a NaN short of overflowing.
+// another, and their sum a NaN where the direct convolution gives +-Inf (or 0 after the ReLU), or a
+// NaN in an output outside the Inf's 3x3 neighbourhood. The converse holds: when the direct
+// convolution of finite weights gives a non-finite output (an Inf or NaN in its receptive field,
+// short of overflow), so does Winograd, since that input reaches the output with a nonzero
+// coefficient through the transformed points, and an Inf or NaN term never sums to a finite value.
+// So a call with all outputs finite is the convolution's answer, and any other is flagged.
 bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
           bool relu, const at::Tensor& out, int64_t block);
 

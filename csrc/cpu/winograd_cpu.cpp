@@ -1,15 +1,23 @@
-// Winograd F(2x2, 3x3) convolution with the fused epilogue, for fp32 channels_last inputs on x86-64
-// CPUs with AVX2 and FMA.
+// Winograd convolutions F(2x2, 3x3) and F(4x4, 3x3) with the fused epilogue, for fp32
+// channels_last inputs on x86-64 CPUs with AVX2 and FMA.
 //
-// Why: a 3x3 stride-1 convolution computed on 4x4 input tiles needs 16 multiplies per 2x2 outputs
-// and input/output channel pair instead of 36, so 2.25x fewer multiply-adds than the direct
-// convolution oneDNN runs. The 16 transformed points are 16 independent GEMMs
-// (tiles x C) * (C x K), computed here by a register-blocked AVX2 micro-kernel over blocks of tiles
-// small enough that a block's transformed input and GEMM output stay in the core's cache between
-// the three steps (input transform, GEMMs, output transform + bias + residual + ReLU).
+// Why: a 3x3 stride-1 convolution computed on (m+2)x(m+2) input tiles needs (m+2)^2 multiplies per
+// m x m outputs and input/output channel pair instead of 9 m^2: 2.25x fewer multiply-adds than the
+// direct convolution oneDNN runs for m = 2, 4x fewer for m = 4. The (m+2)^2 transformed points are
+// independent GEMMs (tiles x C) * (C x K), computed here by a register-blocked AVX2 micro-kernel
+// over blocks of tiles small enough that a block's transformed input and GEMM output stay in the
+// core's cache between the three steps (input transform, GEMMs, output transform + bias + residual
+// + ReLU).
 //
-// Accuracy: the transforms of F(2x2, 3x3) have coefficients 0, +-1 and +-1/2, so they add only a
-// few roundings; the weight transform is done in float64 and rounded once.
+// Which m: F(4x4) does 1.78x fewer multiply-adds than F(2x2) on large maps but reads a 2.25x larger
+// transformed weight and pays more transform work per output, and a 14x14 or 7x7 map wastes part of
+// its 4x4 tiles; ops_cpu.cpp times both per shape.
+//
+// Accuracy: F(2x2)'s transforms have coefficients 0, +-1 and +-1/2 and add only a few roundings.
+// F(4x4)'s (the usual points 0, +-1, +-2) reach 5 and 8: in fp32 its error is about 30x a direct
+// convolution's (simulated over C = 256: median 3e-6 of the largest output, worst 1.3e-5 in one
+// tile), still within fp32's tolerance and far inside eager's own error on a whole ResNet. Weights
+// are transformed in float64 and rounded once.
 #include "winograd.h"
 
 #include "avx2_gemm.h"
@@ -19,46 +27,24 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace resnet_fused {
 namespace winograd {
 namespace {
 
-constexpr int64_t kFreq = 16;  // points of a 4x4 transformed tile, one GEMM each
 using avx2::kPanel;
 
-int64_t tiles(const at::Tensor& x) {
-  return x.size(0) * ((x.size(2) + 1) / 2) * ((x.size(3) + 1) / 2);
-}
-
-struct Geometry {
-  int64_t n, c, h, w, k, th, tw, tiles;
-};
-
 #if RF_HAVE_X86
-// The 1-D transforms, applied along columns then rows. Written once for a vector of 8 channels
-// and once for one channel (the tail of a C that is not a multiple of 8), with the same operation
-// order, so every channel gets bit-identical sums whichever loop computes it.
-template <typename V, typename Ops>
-RF_AVX2 inline void input_1d(const V (&d)[4], V (&t)[4], Ops ops) {  // B^T d
-  t[0] = ops.sub(d[0], d[2]);
-  t[1] = ops.add(d[1], d[2]);
-  t[2] = ops.sub(d[2], d[1]);
-  t[3] = ops.sub(d[1], d[3]);
-}
-
-template <typename V, typename Ops>
-RF_AVX2 inline void output_1d(const V (&m)[4], V (&a)[2], Ops ops) {  // A^T m
-  a[0] = ops.add(ops.add(m[0], m[1]), m[2]);
-  a[1] = ops.sub(ops.sub(m[1], m[2]), m[3]);
-}
-
+// Arithmetic on one vector of 8 channels, or on one channel (the tail of a C that is not a multiple
+// of 8), with the same operations in the same order, so every channel gets bit-identical results
+// whichever loop computes it.
 struct VecOps {
   RF_AVX2 __m256 add(__m256 a, __m256 b) const { return _mm256_add_ps(a, b); }
   RF_AVX2 __m256 sub(__m256 a, __m256 b) const { return _mm256_sub_ps(a, b); }
+  RF_AVX2 __m256 fma(__m256 a, float k, __m256 b) const { return _mm256_fmadd_ps(a, _mm256_set1_ps(k), b); }
   RF_AVX2 __m256 load(const float* p) const { return _mm256_loadu_ps(p); }
   RF_AVX2 void store(float* p, __m256 v) const { _mm256_storeu_ps(p, v); }
 };
@@ -66,43 +52,119 @@ struct VecOps {
 struct ScalarOps {
   float add(float a, float b) const { return a + b; }
   float sub(float a, float b) const { return a - b; }
+  RF_AVX2 float fma(float a, float k, float b) const { return std::fma(a, k, b); }
   float load(const float* p) const { return *p; }
   void store(float* p, float v) const { *p = v; }
 };
+#endif
 
-// B^T d B of one 4x4 patch for channels [ch, ch + 8) (or one channel), the 16 results written
+// The transforms of F(M x M, 3 x 3), each applied along columns then rows: B^T d (input),
+// A^T m (output), and G for the weight.
+template <int M>
+struct Tile;
+
+template <>
+struct Tile<2> {
+  static constexpr int kT = 4;  // input tile side
+  static constexpr double kG[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+
+  template <typename V, typename Ops>
+  RF_AVX2 static void input(const V (&d)[4], V (&t)[4], Ops o) {
+    t[0] = o.sub(d[0], d[2]);
+    t[1] = o.add(d[1], d[2]);
+    t[2] = o.sub(d[2], d[1]);
+    t[3] = o.sub(d[1], d[3]);
+  }
+
+  template <typename V, typename Ops>
+  RF_AVX2 static void output(const V (&m)[4], V (&a)[2], Ops o) {
+    a[0] = o.add(o.add(m[0], m[1]), m[2]);
+    a[1] = o.sub(o.sub(m[1], m[2]), m[3]);
+  }
+};
+
+template <>
+struct Tile<4> {
+  static constexpr int kT = 6;
+  static constexpr double kG[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                      {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                      {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
+
+  // B^T rows: (4 0 -5 0 1 0) (0 -4 -4 1 1 0) (0 4 -4 -1 1 0) (0 -2 -1 2 1 0) (0 2 -1 -2 1 0) (0 4 0 -5 0 1)
+  template <typename V, typename Ops>
+  RF_AVX2 static void input(const V (&d)[6], V (&t)[6], Ops o) {
+    const V d31 = o.sub(d[3], d[1]), d42 = o.sub(d[4], d[2]);
+    t[0] = o.fma(d[2], -5.f, o.fma(d[0], 4.f, d[4]));
+    t[1] = o.fma(o.add(d[1], d[2]), -4.f, o.add(d[3], d[4]));
+    t[2] = o.fma(o.sub(d[1], d[2]), 4.f, o.sub(d[4], d[3]));
+    t[3] = o.fma(d31, 2.f, d42);
+    t[4] = o.fma(d31, -2.f, d42);
+    t[5] = o.fma(d[3], -5.f, o.fma(d[1], 4.f, d[5]));
+  }
+
+  // A^T rows: (1 1 1 1 1 0) (0 1 -1 2 -2 0) (0 1 1 4 4 0) (0 1 -1 8 -8 1)
+  template <typename V, typename Ops>
+  RF_AVX2 static void output(const V (&m)[6], V (&a)[4], Ops o) {
+    const V s12 = o.add(m[1], m[2]), d12 = o.sub(m[1], m[2]);
+    const V s34 = o.add(m[3], m[4]), d34 = o.sub(m[3], m[4]);
+    a[0] = o.add(o.add(m[0], s12), s34);
+    a[1] = o.fma(d34, 2.f, d12);
+    a[2] = o.fma(s34, 4.f, s12);
+    a[3] = o.add(o.fma(d34, 8.f, d12), m[5]);
+  }
+};
+
+struct Geometry {
+  int64_t m, n, c, h, w, k, th, tw, tiles;
+
+  Geometry(int64_t tile, const at::Tensor& x, int64_t out_channels)
+      : m(tile), n(x.size(0)), c(x.size(1)), h(x.size(2)), w(x.size(3)), k(out_channels),
+        th((h + tile - 1) / tile), tw((w + tile - 1) / tile), tiles(n * th * tw) {}
+};
+
+#if RF_HAVE_X86
+// B^T d B of one patch for channels [ch, ch + 8) (or one channel), the T*T results written
 // `plane` floats apart. WHY in registers: the two passes went through a scratch row buffer, and at
 // C = 64 the input transform took 63% of the GEMMs' time; here each input is loaded once and each
 // output stored once.
-template <typename V, typename Ops>
-RF_AVX2 inline void input_tile(const float* const (&d)[4][4], int64_t ch, int64_t plane, float* out, Ops ops) {
-  V cols[4][4];  // cols[j] = B^T applied to column j of the patch
-  for (int j = 0; j < 4; ++j) {
-    const V column[4] = {ops.load(d[0][j] + ch), ops.load(d[1][j] + ch), ops.load(d[2][j] + ch), ops.load(d[3][j] + ch)};
-    input_1d(column, cols[j], ops);
+template <int M, typename V, typename Ops>
+RF_AVX2 inline void input_tile(const float* const (&d)[Tile<M>::kT][Tile<M>::kT], int64_t ch, int64_t plane, float* out,
+                               Ops o) {
+  constexpr int T = Tile<M>::kT;
+  V cols[T][T];  // cols[j] = B^T applied to column j of the patch
+  for (int j = 0; j < T; ++j) {
+    V column[T];
+    for (int i = 0; i < T; ++i) {
+      column[i] = o.load(d[i][j] + ch);
+    }
+    Tile<M>::input(column, cols[j], o);
   }
-  for (int i = 0; i < 4; ++i) {
-    const V row[4] = {cols[0][i], cols[1][i], cols[2][i], cols[3][i]};
-    V v[4];
-    input_1d(row, v, ops);
-    for (int j = 0; j < 4; ++j) {
-      ops.store(out + (i * 4 + j) * plane + ch, v[j]);
+  for (int i = 0; i < T; ++i) {
+    V row[T], v[T];
+    for (int j = 0; j < T; ++j) {
+      row[j] = cols[j][i];
+    }
+    Tile<M>::input(row, v, o);
+    for (int j = 0; j < T; ++j) {
+      o.store(out + (i * T + j) * plane + ch, v[j]);
     }
   }
 }
 
-// d (4x4 patch per channel) -> B^T d B, written as 16 rows of `plane` stride.
+// Each tile's (M+2)^2 patch -> B^T d B, written as (M+2)^2 rows of `plane` stride.
+template <int M>
 RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t count, const float* zero,
                              float* v) {
+  constexpr int T = Tile<M>::kT;
   const int64_t c = g.c;
   const int64_t plane = count * c;
   for (int64_t u = 0; u < count; ++u) {
     const int64_t t = t0 + u;
     const int64_t img = t / (g.th * g.tw), rest = t % (g.th * g.tw);
-    const int64_t y0 = 2 * (rest / g.tw) - 1, x0 = 2 * (rest % g.tw) - 1;
-    const float* d[4][4];
-    for (int i = 0; i < 4; ++i) {
-      for (int j = 0; j < 4; ++j) {
+    const int64_t y0 = M * (rest / g.tw) - 1, x0 = M * (rest % g.tw) - 1;
+    const float* d[T][T];
+    for (int i = 0; i < T; ++i) {
+      for (int j = 0; j < T; ++j) {
         const int64_t yy = y0 + i, xx = x0 + j;
         d[i][j] = (yy < 0 || yy >= g.h || xx < 0 || xx >= g.w) ? zero : x + ((img * g.h + yy) * g.w + xx) * c;
       }
@@ -110,31 +172,39 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
     float* out = v + u * c;
     int64_t ch = 0;
     for (; ch + 8 <= c; ch += 8) {
-      input_tile<__m256>(d, ch, plane, out, VecOps{});
+      input_tile<M, __m256>(d, ch, plane, out, VecOps{});
     }
     for (; ch < c; ++ch) {
-      input_tile<float>(d, ch, plane, out, ScalarOps{});
+      input_tile<M, float>(d, ch, plane, out, ScalarOps{});
     }
   }
 }
 
-// The 2x2 outputs of one tile for channels [ch, ch + 8): A^T m A.
-template <typename V, typename Ops>
-RF_AVX2 inline void output_tile(const float* mt, int64_t plane, int64_t ch, V (&y)[2][2], Ops ops) {
-  V cols[4][2];  // cols[j] = A^T applied to column j of the 4x4 points
-  for (int j = 0; j < 4; ++j) {
-    const V column[4] = {ops.load(mt + (0 * 4 + j) * plane + ch), ops.load(mt + (1 * 4 + j) * plane + ch),
-                         ops.load(mt + (2 * 4 + j) * plane + ch), ops.load(mt + (3 * 4 + j) * plane + ch)};
-    output_1d(column, cols[j], ops);
+// The M x M outputs of one tile for channels [ch, ch + 8): A^T m A.
+template <int M>
+RF_AVX2 inline void output_tile(const float* mt, int64_t plane, int64_t ch, __m256 (&y)[M][M]) {
+  constexpr int T = Tile<M>::kT;
+  const VecOps o;
+  __m256 cols[T][M];  // cols[j] = A^T applied to column j of the points
+  for (int j = 0; j < T; ++j) {
+    __m256 column[T];
+    for (int i = 0; i < T; ++i) {
+      column[i] = o.load(mt + (i * T + j) * plane + ch);
+    }
+    Tile<M>::output(column, cols[j], o);
   }
-  for (int i = 0; i < 2; ++i) {
-    const V row[4] = {cols[0][i], cols[1][i], cols[2][i], cols[3][i]};
-    output_1d(row, y[i], ops);
+  for (int i = 0; i < M; ++i) {
+    __m256 row[T];
+    for (int j = 0; j < T; ++j) {
+      row[j] = cols[j][i];
+    }
+    Tile<M>::output(row, y[i], o);
   }
 }
 
-// A^T m A (2x2 outputs per tile) + bias (+ residual), ReLU, into y for channels [k0, k0 + kc).
+// A^T m A (M x M outputs per tile) + bias (+ residual), ReLU, into y for channels [k0, k0 + kc).
 // Returns whether any output before the ReLU was Inf or NaN (see conv() in winograd.h for why).
+template <int M>
 RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int64_t count, int64_t k0, int64_t kc,
                               const float* bias, const float* residual, bool relu, float* y) {
   const int64_t plane = count * kc;
@@ -145,11 +215,11 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
   for (int64_t u = 0; u < count; ++u) {
     const int64_t t = t0 + u;
     const int64_t img = t / (g.th * g.tw), rest = t % (g.th * g.tw);
-    const int64_t y0 = 2 * (rest / g.tw), x0 = 2 * (rest % g.tw);
-    const int64_t rows = std::min<int64_t>(2, g.h - y0), cols = std::min<int64_t>(2, g.w - x0);
+    const int64_t y0 = M * (rest / g.tw), x0 = M * (rest % g.tw);
+    const int64_t rows = std::min<int64_t>(M, g.h - y0), cols = std::min<int64_t>(M, g.w - x0);
     const float* mt = m + u * kc;
-    float* dst[2][2] = {};
-    const float* res[2][2] = {};
+    float* dst[M][M] = {};
+    const float* res[M][M] = {};
     for (int i = 0; i < rows; ++i) {
       for (int j = 0; j < cols; ++j) {
         const int64_t offset = ((img * g.h + y0 + i) * g.w + x0 + j) * g.k + k0;
@@ -158,8 +228,8 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
       }
     }
     for (int64_t ch = 0; ch < kc; ch += 8) {  // kc is a multiple of kPanel
-      __m256 out[2][2];
-      output_tile<__m256>(mt, plane, ch, out, VecOps{});
+      __m256 out[M][M];
+      output_tile<M>(mt, plane, ch, out);
       const __m256 bv = _mm256_loadu_ps(b + ch);
       for (int i = 0; i < rows; ++i) {
         for (int j = 0; j < cols; ++j) {
@@ -179,45 +249,12 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
   }
   return _mm256_movemask_ps(nonfinite) != 0;
 }
-#endif
 
-}  // namespace
-
-at::Tensor transform_weight(const at::Tensor& weight) {
-  const int64_t k = weight.size(0), c = weight.size(1);
-  // G g G^T in float64, rounded once: G's entries are 0, +-1/2 and 1, so only the sums round.
-  const at::Tensor g = weight.to(at::kDouble).contiguous();
-  const double* gp = g.const_data_ptr<double>();
-  static const double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
-  at::Tensor u = at::empty({kFreq, k / kPanel, c, kPanel}, weight.options().dtype(at::kFloat));
-  float* up = u.data_ptr<float>();
-  at::parallel_for(0, k, 1, [&](int64_t k_begin, int64_t k_end) {
-    for (int64_t ko = k_begin; ko < k_end; ++ko) {
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const double* w = gp + (ko * c + ch) * 9;
-        double tmp[4][3];
-        for (int i = 0; i < 4; ++i) {
-          for (int b = 0; b < 3; ++b) {
-            tmp[i][b] = G[i][0] * w[0 * 3 + b] + G[i][1] * w[1 * 3 + b] + G[i][2] * w[2 * 3 + b];
-          }
-        }
-        for (int i = 0; i < 4; ++i) {
-          for (int j = 0; j < 4; ++j) {
-            const double value = tmp[i][0] * G[j][0] + tmp[i][1] * G[j][1] + tmp[i][2] * G[j][2];
-            up[((((i * 4 + j) * (k / kPanel) + ko / kPanel) * c + ch) * kPanel) + ko % kPanel] = static_cast<float>(value);
-          }
-        }
-      }
-    }
-  });
-  return u;
-}
-
-bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-          bool relu, const at::Tensor& out, int64_t block) {
-#if RF_HAVE_X86
-  const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), out.size(1),
-                   (x.size(2) + 1) / 2, (x.size(3) + 1) / 2, tiles(x)};
+template <int M>
+bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
+                const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block) {
+  constexpr int64_t kFreq = Tile<M>::kT * Tile<M>::kT;  // transformed points, one GEMM each
+  const Geometry g(M, x, out.size(1));
   TORCH_INTERNAL_ASSERT(block >= 1);
   const int64_t threads = at::get_num_threads();
   const avx2::Blocks split(g.tiles, std::min(block, g.tiles), threads);
@@ -254,7 +291,7 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
       const int64_t blk = item / k_groups, kg = item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
-        input_transform(xp, g, t0, count, zero, v);
+        input_transform<M>(xp, g, t0, count, zero, v);
         cached_block = blk;
       }
       for (int64_t f = 0; f < kFreq; ++f) {
@@ -267,12 +304,66 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
                           m + f * count * kc + p * kPanel, kc, avx2::Epilogue{});
         }
       }
-      if (output_transform(m, g, t0, count, kg * kc, kc, bp, rp, relu, yp)) {
+      if (output_transform<M>(m, g, t0, count, kg * kc, kc, bp, rp, relu, yp)) {
         nonfinite.store(true, std::memory_order_relaxed);
       }
     }
   });
   return !nonfinite.load();
+}
+#endif
+
+template <int M>
+at::Tensor transform_weight_tiles(const at::Tensor& weight) {
+  constexpr int T = Tile<M>::kT;
+  const auto& G = Tile<M>::kG;
+  const int64_t k = weight.size(0), c = weight.size(1);
+  // G g G^T in float64, rounded once.
+  const at::Tensor g = weight.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+  at::Tensor u = at::empty({T * T, k / kPanel, c, kPanel}, weight.options().dtype(at::kFloat));
+  float* up = u.data_ptr<float>();
+  at::parallel_for(0, k, 1, [&](int64_t k_begin, int64_t k_end) {
+    for (int64_t ko = k_begin; ko < k_end; ++ko) {
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const double* w = gp + (ko * c + ch) * 9;
+        double tmp[T][3];
+        for (int i = 0; i < T; ++i) {
+          for (int b = 0; b < 3; ++b) {
+            tmp[i][b] = G[i][0] * w[0 * 3 + b] + G[i][1] * w[1 * 3 + b] + G[i][2] * w[2 * 3 + b];
+          }
+        }
+        for (int i = 0; i < T; ++i) {
+          for (int j = 0; j < T; ++j) {
+            const double value = tmp[i][0] * G[j][0] + tmp[i][1] * G[j][1] + tmp[i][2] * G[j][2];
+            up[((((i * T + j) * (k / kPanel) + ko / kPanel) * c + ch) * kPanel) + ko % kPanel] = static_cast<float>(value);
+          }
+        }
+      }
+    }
+  });
+  return u;
+}
+
+}  // namespace
+
+at::Tensor transform_weight(const at::Tensor& weight, int64_t tile) {
+  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);
+  return tile == 2 ? transform_weight_tiles<2>(weight) : transform_weight_tiles<4>(weight);
+}
+
+bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+          bool relu, const at::Tensor& out, int64_t block) {
+#if RF_HAVE_X86
+  // The transformed weight says which tile it was made for: (T*T, K / 16, C, 16).
+  switch (u.size(0)) {
+    case 16:
+      return conv_tiles<2>(x, u, bias, residual, relu, out, block);
+    case 36:
+      return conv_tiles<4>(x, u, bias, residual, relu, out, block);
+    default:
+      TORCH_INTERNAL_ASSERT(false, "not a Winograd-transformed weight");
+  }
 #else
   TORCH_CHECK(false, "resnet_fused: the Winograd kernel needs an x86-64 CPU");
 #endif

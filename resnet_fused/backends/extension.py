@@ -18,11 +18,16 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   says whether the graphs are available (``cudnn_graph_reason``: why not).
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
-- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) for 3x3
-  stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM with the epilogue in
-  its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``). Unset or ``auto``: the first call of each
-  shape times them against the direct convolution and keeps the fastest; ``1`` always (where they
-  apply), ``0`` never.
+- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) and
+  F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM
+  with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``).
+  Unset or ``auto``: the first call of each shape times them against the direct convolution and
+  keeps the fastest (the losing Winograd variant's transformed weight is then dropped); ``1``
+  always (where they apply; Winograd F(2x2) unless the next switch says 4), ``0`` never.
+- ``RESNET_FUSED_WINOGRAD_TILE`` (CPU): ``2`` or ``4`` keeps only that Winograd variant (its output
+  tile side), forced or timed; unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
+  multiply-adds than F(2x2) on large maps, with about 30x a direct convolution's fp32 rounding error
+  (still ~1e-6 of the logits on a whole ResNet).
 - ``RESNET_FUSED_CPU_POOL_MB`` (CPU): the outputs of our AVX2 kernels come from a pool of blocks
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed
   activations to the kernel and every forward page-faults them back in, 13% of resnet50's batch-8
@@ -55,6 +60,7 @@ NAME = "extension"
 CUDNN_FUSED_ENV = "RESNET_FUSED_CUDNN_FUSED"
 ONEDNN_FUSED_ENV = "RESNET_FUSED_ONEDNN_FUSED"
 AVX2_CONV_ENV = "RESNET_FUSED_AVX2_CONV"
+WINOGRAD_TILE_ENV = "RESNET_FUSED_WINOGRAD_TILE"
 CPU_POOL_ENV = "RESNET_FUSED_CPU_POOL_MB"
 OPS = ("conv_bias_act", "bias_act", "add_relu")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
