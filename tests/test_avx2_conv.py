@@ -104,7 +104,8 @@ def test_winograd_matches_float64(shape, flags, layout, tile, forced):
 # strided shortcut), ResNet's 3x3 stride-2 and 7x7 stride-2 stem, and unusual ones (1x1 padded,
 # 5x5, 3x3 unpadded); under 16 input channels (3, 5, 7: a filter row's taps merged, from a padded
 # copy or, unpadded, in place); odd pixel counts (a partial 6-row micro-tile), C of 1 and odd, K=2048 split
-# across threads.
+# across threads; reductions cut into chunks of 256 products (avx2_gemm.h): 600 channels of one tap
+# (256 + 256 + 88), 9 taps of 40 channels (6 taps + 3), 9 taps of 300 channels (each 256 + 44).
 SHAPES_IGEMM = [
     (2, 16, 32, 5, 7, 1, 1, 0),
     (1, 1, 16, 3, 3, 1, 1, 0),
@@ -118,6 +119,9 @@ SHAPES_IGEMM = [
     (1, 8, 16, 5, 6, 1, 1, 1),
     (2, 5, 32, 8, 9, 5, 1, 2),
     (1, 16, 16, 6, 5, 3, 1, 0),
+    (1, 600, 32, 3, 4, 1, 1, 0),
+    (2, 40, 16, 7, 6, 3, 2, 1),
+    (1, 300, 16, 5, 5, 3, 2, 1),
 ]
 
 

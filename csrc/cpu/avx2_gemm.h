@@ -5,7 +5,9 @@
 // (K / 16, taps, C, 16), so each step of the C loop loads two vectors of the panel and broadcasts one
 // element of each row. A tap is one (r, s) position of the filter (a 1x1 conv or a GEMM has one);
 // summing taps in registers is what makes a KxK convolution one kernel without an im2col buffer. 6 rows x 2 vectors = 12
-// accumulators + 2 panel vectors + 1 broadcast fill 15 of the 16 ymm registers.
+// accumulators + 2 panel vectors + 1 broadcast fill 15 of the 16 ymm registers. Long reductions
+// are cut into chunks that keep their slice of the panel in L1 (gemm_rows), the partial sums
+// parked in the output between chunks, in the same order as one pass: results are bit-identical.
 //
 // Functions carry target("avx2,fma") instead of the whole build using -mavx2: the extension must
 // load on any x86-64 CPU, and callers check cpu_has_avx2_fma() before calling in.
@@ -116,31 +118,44 @@ RF_AVX2 inline __m256 finish(__m256 acc, const Epilogue& e, int r, int half) {
   return acc;
 }
 
+// One micro-tile: `count` of the reduction's taps, channels [c0, c0 + c) of each, for R rows.
+// rows[r * row_taps + t] is row r's input row under tap t. `first`: the accumulators start at zero,
+// else from `out` (the sums of the earlier chunks); `e.bias == nullptr`: a raw store.
 template <int R>
-RF_AVX2 inline void micro_kernel(int64_t c, int64_t taps, const float* const* rows, const float* panel, float* out,
-                                 int64_t ld_out, const Epilogue& e) {
+RF_AVX2 inline void micro_kernel(int64_t c0, int64_t c, int64_t taps, int64_t row_taps, const float* const* rows,
+                                 const float* panel, int64_t tap_stride, float* out, int64_t ld_out, bool first,
+                                 const Epilogue& e) {
   static_assert(R >= 1 && R <= kRows, "1 to 6 rows");
   // Named accumulators, not an array: GCC keeps an array of __m256 in memory and spills every FMA.
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
   __m256 a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  if (!first) {
+    a00 = _mm256_loadu_ps(out), a01 = _mm256_loadu_ps(out + 8);
+    if constexpr (R > 1) a10 = _mm256_loadu_ps(out + ld_out), a11 = _mm256_loadu_ps(out + ld_out + 8);
+    if constexpr (R > 2) a20 = _mm256_loadu_ps(out + 2 * ld_out), a21 = _mm256_loadu_ps(out + 2 * ld_out + 8);
+    if constexpr (R > 3) a30 = _mm256_loadu_ps(out + 3 * ld_out), a31 = _mm256_loadu_ps(out + 3 * ld_out + 8);
+    if constexpr (R > 4) a40 = _mm256_loadu_ps(out + 4 * ld_out), a41 = _mm256_loadu_ps(out + 4 * ld_out + 8);
+    if constexpr (R > 5) a50 = _mm256_loadu_ps(out + 5 * ld_out), a51 = _mm256_loadu_ps(out + 5 * ld_out + 8);
+  }
   // The epilogue's lines (output, residual) are fetched now, so they arrive during the C loop: at
   // batch 8 they come from DRAM, one 64-byte line per row, rows a whole pixel (K floats) apart, a
   // pattern the hardware prefetcher does not follow (measured: +14-16% on 1x1 convs with a residual).
-  for (int r = 0; r < R; ++r) {
-    __builtin_prefetch(out + r * ld_out, 1, 3);
-    if (e.residual != nullptr) {
-      __builtin_prefetch(e.residual + r * e.ld_residual, 0, 3);
+  if (e.bias != nullptr) {
+    for (int r = 0; r < R; ++r) {
+      __builtin_prefetch(out + r * ld_out, 1, 3);
+      if (e.residual != nullptr) {
+        __builtin_prefetch(e.residual + r * e.ld_residual, 0, 3);
+      }
     }
   }
   for (int64_t t = 0; t < taps; ++t) {
-    // rows holds each output row's `taps` input rows one after another.
-    const float* v0 = rows[t];
-    const float* v1 = R > 1 ? rows[taps + t] : nullptr;
-    const float* v2 = R > 2 ? rows[2 * taps + t] : nullptr;
-    const float* v3 = R > 3 ? rows[3 * taps + t] : nullptr;
-    const float* v4 = R > 4 ? rows[4 * taps + t] : nullptr;
-    const float* v5 = R > 5 ? rows[5 * taps + t] : nullptr;
-    const float* u = panel + t * c * kPanel;
+    const float* v0 = rows[t] + c0;
+    const float* v1 = R > 1 ? rows[row_taps + t] + c0 : nullptr;
+    const float* v2 = R > 2 ? rows[2 * row_taps + t] + c0 : nullptr;
+    const float* v3 = R > 3 ? rows[3 * row_taps + t] + c0 : nullptr;
+    const float* v4 = R > 4 ? rows[4 * row_taps + t] + c0 : nullptr;
+    const float* v5 = R > 5 ? rows[5 * row_taps + t] + c0 : nullptr;
+    const float* u = panel + t * tap_stride;
     for (int64_t ch = 0; ch < c; ++ch) {
       const __m256 u0 = _mm256_loadu_ps(u + ch * kPanel);
       const __m256 u1 = _mm256_loadu_ps(u + ch * kPanel + 8);
@@ -186,25 +201,45 @@ RF_AVX2 inline void micro_kernel(int64_t c, int64_t taps, const float* const* ro
   }
 }
 
-// All `count` output rows against one panel, six at a time; rows holds `taps` pointers per row.
+// Products (taps x channels) per chunk of the reduction: a chunk's slice of the panel (16 KiB)
+// stays in L1 while every row group of the call uses it. WHY: with the whole reduction at once,
+// a 1x1 conv over 1024 channels streamed its 64 KiB panel from L2 once per six rows.
+constexpr int64_t kChunk = 256;
+
+// All `count` output rows against one panel (taps x c x 16, taps `c * 16` floats apart), six rows
+// at a time, the reduction cut into chunks of whole taps (small c) or of one tap's channels
+// (large c); rows holds `taps` pointers per row. The epilogue is applied by the last chunk.
 RF_AVX2 inline void gemm_rows(int64_t count, int64_t c, int64_t taps, const float* const* rows, const float* panel,
-                              float* out, int64_t ld_out, Epilogue e) {
-  int64_t r = 0;
-  for (; r + kRows <= count; r += kRows) {
-    micro_kernel<kRows>(c, taps, rows + r * taps, panel, out + r * ld_out, ld_out, e);
-    if (e.residual != nullptr) {
-      e.residual += kRows * e.ld_residual;
+                              float* out, int64_t ld_out, const Epilogue& e) {
+  const int64_t taps_per_chunk = std::max<int64_t>(1, kChunk / c);
+  const int64_t c_chunk = std::min(c, kChunk);
+  for (int64_t t0 = 0; t0 < taps; t0 += taps_per_chunk) {
+    const int64_t nt = std::min(taps_per_chunk, taps - t0);
+    for (int64_t c0 = 0; c0 < c; c0 += c_chunk) {
+      const int64_t cc = std::min(c_chunk, c - c0);
+      const bool first = t0 == 0 && c0 == 0;
+      const bool last = t0 + nt == taps && c0 + cc == c;
+      const float* chunk_panel = panel + (t0 * c + c0) * kPanel;
+      for (int64_t r = 0; r < count; r += kRows) {
+        const float* const* rr = rows + r * taps + t0;
+        float* o = out + r * ld_out;
+        Epilogue er;
+        if (last) {
+          er = e;
+          if (e.residual != nullptr) {
+            er.residual += r * e.ld_residual;
+          }
+        }
+        switch (std::min<int64_t>(kRows, count - r)) {
+          case 6: micro_kernel<6>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          case 5: micro_kernel<5>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          case 4: micro_kernel<4>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          case 3: micro_kernel<3>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          case 2: micro_kernel<2>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          default: micro_kernel<1>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+        }
+      }
     }
-  }
-  const float* const* rest = rows + r * taps;
-  float* o = out + r * ld_out;
-  switch (count - r) {
-    case 5: micro_kernel<5>(c, taps, rest, panel, o, ld_out, e); break;
-    case 4: micro_kernel<4>(c, taps, rest, panel, o, ld_out, e); break;
-    case 3: micro_kernel<3>(c, taps, rest, panel, o, ld_out, e); break;
-    case 2: micro_kernel<2>(c, taps, rest, panel, o, ld_out, e); break;
-    case 1: micro_kernel<1>(c, taps, rest, panel, o, ld_out, e); break;
-    default: break;
   }
 }
 #endif
