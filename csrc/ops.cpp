@@ -10,6 +10,7 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 #ifdef RESNET_FUSED_WITH_CUDA
 #include "cuda/epilogue_cuda.h"
@@ -21,6 +22,8 @@ namespace resnet_fused {
 // that check entries of freed or changed weights are dropped.
 int64_t cpu_weight_cache_size();
 int64_t cpu_output_pool_bytes(bool in_use);
+// The kernel the CPU path's per-shape timing chose for each conv shape seen, one line each.
+std::vector<std::string> cpu_conv_choices();
 
 // JSON, parsed by resnet_fused.backends.extension.build_info().
 std::string build_info() {
@@ -51,6 +54,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("build_info() -> str", &resnet_fused::build_info);
   m.def("cpu_weight_cache_size() -> int", &resnet_fused::cpu_weight_cache_size);
   m.def("cpu_output_pool_bytes(bool in_use) -> int", &resnet_fused::cpu_output_pool_bytes);
+  m.def("cpu_conv_choices() -> str[]", &resnet_fused::cpu_conv_choices);
 }
 
 // An empty module: importing it is only a way to load the library with Python's own loader.

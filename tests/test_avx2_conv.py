@@ -199,6 +199,18 @@ def test_timing_keeps_one_transformed_weight(monkeypatch):
     assert held == (1 if own_kernel_ran(lambda: conv(x, weight, bias, residual, relu)) else 0)
 
 
+def test_timed_choices_are_listed(monkeypatch):
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(WINOGRAD_TILE_ENV, raising=False)
+    x, weight, bias, residual, relu = make_case((1, 48, 32, 9, 10), (True, True, True), "channels_last")
+    conv(x, weight, bias, residual, relu)
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x48x9x10, weight 32x48x3x3, stride 1, residual")]
+    assert len(lines) == 1, extension.cpu_conv_choices()
+    kernel = lines[0].split(": ")[1].split()[0]
+    assert kernel in ("direct", "winograd_f2x2", "winograd_f4x4")
+    assert (kernel != "direct") == own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+
+
 @pytest.mark.parametrize(
     "case",
     ["groups2", "k_not_multiple_of_16", "float64"],

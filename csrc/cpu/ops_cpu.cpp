@@ -35,6 +35,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -505,6 +506,30 @@ at::Tensor conv_direct(
   return out;
 }
 
+const char* kernel_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::kWinograd2:
+      return "winograd_f2x2";
+    case Kernel::kWinograd4:
+      return "winograd_f4x4";
+    case Kernel::kImplicitGemm:
+      return "implicit_gemm";
+    default:
+      return "direct";
+  }
+}
+
+// The choices made by timing, per shape, for the life of the process.
+struct TimedChoices {
+  std::mutex mutex;
+  std::unordered_map<ShapeKey, Choice, ShapeKeyHash> choices;
+};
+
+TimedChoices& timed_choices() {
+  static auto* timed = new TimedChoices();  // never destroyed, like the weight caches
+  return *timed;
+}
+
 // The kernel and block for this call: forced by the environment (`mode` from env_switch), else
 // timed once per shape.
 Choice choose(
@@ -522,15 +547,14 @@ Choice choose(
   if (mode >= 0) {
     return mode == 1 ? Choice{kernels.front(), default_block(packed_weight(weight, kernels.front()))} : Choice{};
   }
-  static std::mutex mutex;
-  static std::unordered_map<ShapeKey, Choice, ShapeKeyHash> choices;
+  TimedChoices& timed = timed_choices();
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                       stride[0], stride[1], at::get_num_threads()},
                      residual.has_value()};
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = choices.find(key);
-    if (it != choices.end()) {
+    std::lock_guard<std::mutex> lock(timed.mutex);
+    auto it = timed.choices.find(key);
+    if (it != timed.choices.end()) {
       return it->second;
     }
   }
@@ -554,8 +578,8 @@ Choice choose(
       own_kernel_weights().erase(weight, packed_key);
     }
   }
-  std::lock_guard<std::mutex> lock(mutex);
-  choices.emplace(key, best);
+  std::lock_guard<std::mutex> lock(timed.mutex);
+  timed.choices.emplace(key, best);
   return best;
 }
 
@@ -591,6 +615,25 @@ at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
 }
 
 }  // namespace
+
+std::vector<std::string> cpu_conv_choices() {
+  TimedChoices& timed = timed_choices();
+  std::lock_guard<std::mutex> lock(timed.mutex);
+  std::vector<std::string> lines;
+  for (const auto& [key, choice] : timed.choices) {
+    const auto& v = key.v;
+    std::ostringstream line;
+    line << "x " << v[0] << "x" << v[1] << "x" << v[2] << "x" << v[3] << ", weight " << v[4] << "x" << v[1] << "x"
+         << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", " << v[9]
+         << " threads: " << kernel_name(choice.kernel);
+    if (choice.kernel != Kernel::kDirect) {
+      line << " block " << choice.block;
+    }
+    lines.push_back(line.str());
+  }
+  std::sort(lines.begin(), lines.end());
+  return lines;
+}
 
 int64_t cpu_weight_cache_size() {
   return static_cast<int64_t>(onednn_weights().size() + own_kernel_weights().size());

@@ -94,6 +94,15 @@ def build_info() -> dict | None:
     return json.loads(torch.ops.resnet_fused.build_info())
 
 
+def cpu_conv_choices() -> list[str]:
+    """The kernel the CPU path's per-shape timing chose for each conv shape this process has run
+    (``direct``, ``winograd_f2x2``, ``winograd_f4x4`` or ``implicit_gemm`` with its block), one line
+    per shape; empty when ``_C`` is not loaded or nothing was timed."""
+    if _LOAD_ERROR is not None:
+        return []
+    return list(torch.ops.resnet_fused.cpu_conv_choices())
+
+
 def load_error() -> str | None:
     """Why ``_C`` could not be loaded, or ``None``."""
     return _LOAD_ERROR
