@@ -5,7 +5,8 @@ per-shape choice between them and the direct (oneDNN) convolution.
 RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, groups 1, output channels a
 multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
 kernel size, stride and padding), =0 turns them off, unset times all candidates on a shape's first
-call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant.
+call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant, RESNET_FUSED_GEMM_CORE=own or
+brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm through ATen).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from utils import assert_close, reference_conv_bias_act
 
 AVX2_CONV_ENV = extension.AVX2_CONV_ENV
 WINOGRAD_TILE_ENV = extension.WINOGRAD_TILE_ENV
+GEMM_CORE_ENV = extension.GEMM_CORE_ENV
 # Output tile sides of the two Winograd variants.
 TILES = [2, 4]
 
@@ -88,10 +90,16 @@ def tile(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["own", "brgemm"])
+def core(request, monkeypatch):
+    monkeypatch.setenv(GEMM_CORE_ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
-def test_winograd_matches_float64(shape, flags, layout, tile, forced):
+def test_winograd_matches_float64(shape, flags, layout, tile, core, forced):
     x, weight, bias, residual, relu = make_case(shape, flags, layout)
     assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
     out = conv(x, weight, bias, residual, relu)
@@ -153,7 +161,7 @@ THREAD_CASES = [((1, 64, 128, 6, 6), 3), ((2, 16, 32, 30, 26), 3), ((2, 16, 32, 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", THREAD_CASES, ids=["one_block", "winograd_blocks", "igemm_blocks"])
-def test_any_thread_count(case, threads, tile, forced):
+def test_any_thread_count(case, threads, tile, core, forced):
     """The work split (row blocks x output-channel groups) depends on the thread count."""
     shape, kernel = case
     x, weight, bias, residual, relu = make_case(shape, (True, True, True), "channels_last", kernel=kernel)
@@ -166,7 +174,7 @@ def test_any_thread_count(case, threads, tile, forced):
     assert_close(out, reference(x, weight, bias, residual, relu))
 
 
-def test_winograd_keeps_nan(tile, forced):
+def test_winograd_keeps_nan(tile, core, forced):
     x, weight, bias, _, _ = make_case((1, 16, 16, 4, 4), (True, False, True), "channels_last")
     x[0, 3, 1, 2] = float("nan")
     out = conv(x, weight, bias, None, True)
@@ -175,11 +183,12 @@ def test_winograd_keeps_nan(tile, forced):
     assert torch.isfinite(out[0, :, 3:, :]).all() and torch.isfinite(out[0, :, :, 0]).all()
 
 
-@pytest.mark.parametrize("value", ["3", "F4", "yes"])
-def test_winograd_tile_must_be_2_or_4(value, monkeypatch, forced):
-    monkeypatch.setenv(WINOGRAD_TILE_ENV, value)
+@pytest.mark.parametrize("env, value", [(WINOGRAD_TILE_ENV, "3"), (WINOGRAD_TILE_ENV, "F4"), (GEMM_CORE_ENV, "mkl"),
+                                        (GEMM_CORE_ENV, "1")])
+def test_switch_values_are_checked(env, value, monkeypatch, forced):
+    monkeypatch.setenv(env, value)
     x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 7), (True, False, True), "channels_last")
-    with pytest.raises(RuntimeError, match=WINOGRAD_TILE_ENV):
+    with pytest.raises(RuntimeError, match=env):
         conv(x, weight, bias, residual, relu)
 
 
@@ -202,6 +211,7 @@ def test_timing_keeps_one_transformed_weight(monkeypatch):
 def test_timed_choices_are_listed(monkeypatch):
     monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
     monkeypatch.delenv(WINOGRAD_TILE_ENV, raising=False)
+    monkeypatch.delenv(GEMM_CORE_ENV, raising=False)
     x, weight, bias, residual, relu = make_case((1, 48, 32, 9, 10), (True, True, True), "channels_last")
     conv(x, weight, bias, residual, relu)
     lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x48x9x10, weight 32x48x3x3, stride 1, residual")]

@@ -346,10 +346,12 @@ at::Tensor conv_onednn(
 // over C. Like cuDNN's benchmark mode, the first call of each shape times the candidates on the
 // real input and keeps the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does
 // where they apply (Winograd F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one
-// Winograd variant only (forced or timed).
+// Winograd variant only (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM
+// under Winograd (else timed).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
+constexpr const char* kGemmCoreEnv = "RESNET_FUSED_GEMM_CORE";
 
 enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm };
 
@@ -362,6 +364,23 @@ int winograd_tile_setting() {
   TORCH_CHECK(std::strcmp(value, "2") == 0 || std::strcmp(value, "4") == 0, "resnet_fused: ", kWinogradTileEnv,
               " must be 2, 4 or auto, got '", value, "'");
   return value[0] - '0';
+}
+
+// The GEMM under Winograd: our AVX2 micro-kernel or oneDNN's brgemm (winograd.h).
+enum class GemmCore { kAuto, kOwn, kBrgemm };
+
+GemmCore gemm_core_setting() {
+  const char* value = std::getenv(kGemmCoreEnv);
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
+    return GemmCore::kAuto;
+  }
+  TORCH_CHECK(std::strcmp(value, "own") == 0 || std::strcmp(value, "brgemm") == 0, "resnet_fused: ", kGemmCoreEnv,
+              " must be own, brgemm or auto, got '", value, "'");
+  return value[0] == 'b' ? GemmCore::kBrgemm : GemmCore::kOwn;
+}
+
+bool is_winograd(Kernel kernel) {
+  return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4;
 }
 
 // Our kernels that could compute this call, the one to use when forced first; empty if none.
@@ -396,6 +415,7 @@ int64_t default_block(const at::Tensor& packed) {
 struct Choice {
   Kernel kernel = Kernel::kDirect;
   int64_t block = 0;
+  bool brgemm = false;  // Winograd's GEMMs on oneDNN's brgemm
 };
 
 struct ShapeKey {
@@ -465,6 +485,7 @@ at::Tensor conv_own(
     const std::optional<at::Tensor>& residual,
     bool relu,
     int64_t block,
+    bool brgemm,
     const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
   const at::Tensor packed = packed_weight(weight, kernel);
@@ -476,12 +497,12 @@ at::Tensor conv_own(
   }
   if (kernel == Kernel::kImplicitGemm) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out, block);
-  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block)) {
+  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block, brgemm)) {
     // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
     // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
     const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemm);
     return conv_own(Kernel::kImplicitGemm, x, weight, bias, stride, padding, residual, relu, default_block(igemm),
-                    out_sizes);
+                    false, out_sizes);
   }
   return out;
 }
@@ -544,8 +565,13 @@ Choice choose(
     bool relu,
     c10::MemoryFormat format,
     const std::array<int64_t, 4>& out_sizes) {
+  const GemmCore core = gemm_core_setting();
   if (mode >= 0) {
-    return mode == 1 ? Choice{kernels.front(), default_block(packed_weight(weight, kernels.front()))} : Choice{};
+    if (mode == 0) {
+      return Choice{};
+    }
+    const Kernel kernel = kernels.front();
+    return Choice{kernel, default_block(packed_weight(weight, kernel)), is_winograd(kernel) && core == GemmCore::kBrgemm};
   }
   TimedChoices& timed = timed_choices();
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
@@ -562,15 +588,27 @@ Choice choose(
   std::vector<Choice> options{Choice{}};
   std::vector<std::function<void()>> candidates{
       [&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); }};
+  auto run = [&](Choice c) {
+    return [&, c] {
+      conv_own(c.kernel, x, weight, bias, stride, padding, residual, relu, c.block, c.brgemm, out_sizes).contiguous(format);
+    };
+  };
   for (Kernel kernel : kernels) {
     for (int64_t block : kBlockCandidates) {
-      options.push_back(Choice{kernel, block});
-      candidates.push_back([&, kernel, block] {
-        conv_own(kernel, x, weight, bias, stride, padding, residual, relu, block, out_sizes).contiguous(format);
-      });
+      options.push_back(Choice{kernel, block, is_winograd(kernel) && core == GemmCore::kBrgemm});
+      candidates.push_back(run(options.back()));
     }
   }
-  const Choice best = options[fastest(candidates)];
+  Choice best = options[fastest(candidates)];
+  if (is_winograd(best.kernel) && core == GemmCore::kAuto) {
+    // The GEMM core is timed for the chosen kernel and block only: the two cores compute the same
+    // GEMMs, so what favours one kernel or block favours it on either core.
+    Choice with_brgemm = best;
+    with_brgemm.brgemm = true;
+    if (fastest({run(best), run(with_brgemm)}) == 1) {
+      best = with_brgemm;
+    }
+  }
   // The losers' packed weights are dropped: an F(4x4) copy of a 3x3 weight is 4x its size.
   for (Kernel kernel : kernels) {
     if (kernel != best.kernel) {
@@ -599,7 +637,8 @@ at::Tensor conv_bias_act_cpu(
   if (x.numel() > 0 && mode != 0) {
     const Choice choice = choose(mode, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
     if (choice.kernel != Kernel::kDirect) {
-      return conv_own(choice.kernel, x, weight, bias, stride, padding, residual, relu, choice.block, out_sizes)
+      return conv_own(choice.kernel, x, weight, bias, stride, padding, residual, relu, choice.block, choice.brgemm,
+                      out_sizes)
           .contiguous(format);
     }
   }
@@ -627,7 +666,7 @@ std::vector<std::string> cpu_conv_choices() {
          << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", " << v[9]
          << " threads: " << kernel_name(choice.kernel);
     if (choice.kernel != Kernel::kDirect) {
-      line << " block " << choice.block;
+      line << " block " << choice.block << (choice.brgemm ? " brgemm" : "");
     }
     lines.push_back(line.str());
   }

@@ -27,8 +27,13 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t tile);
 // short of overflow), so does Winograd, since that input reaches the output with a nonzero
 // coefficient through the transformed points, and an Inf or NaN term never sums to a finite value.
 // So a call with all outputs finite is the convolution's answer, and any other is flagged.
+//
+// `brgemm`: the (M+2)^2 GEMMs run on oneDNN's JIT brgemm micro-kernel as shipped inside ATen
+// (at::native::cpublas::brgemm) instead of our AVX2 one: oneDNN generates it for the ISA the CPU
+// has (AVX2, AVX-512, ...), so on an AVX-512 server this path uses 512-bit FMAs without our
+// writing AVX-512 code we could not test here. Same operands, another summation order.
 bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-          bool relu, const at::Tensor& out, int64_t block);
+          bool relu, const at::Tensor& out, int64_t block, bool brgemm);
 
 }  // namespace winograd
 }  // namespace resnet_fused

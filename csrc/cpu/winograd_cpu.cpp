@@ -23,6 +23,7 @@
 #include "avx2_gemm.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -252,7 +253,8 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
 
 template <int M>
 bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
-                const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block) {
+                const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block,
+                bool brgemm) {
   constexpr int64_t kFreq = Tile<M>::kT * Tile<M>::kT;  // transformed points, one GEMM each
   const Geometry g(M, x, out.size(1));
   TORCH_INTERNAL_ASSERT(block >= 1);
@@ -295,18 +297,27 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
         cached_block = blk;
       }
       for (int64_t f = 0; f < kFreq; ++f) {
-        for (int64_t r = 0; r < count; ++r) {
-          row_ptrs[r] = v + (f * count + r) * g.c;
+        const float* a = v + f * count * g.c;  // this point's rows, one per tile, g.c floats apart
+        for (int64_t r = 0; r < count && !brgemm; ++r) {
+          row_ptrs[r] = a + r * g.c;
         }
         for (int64_t p = 0; p < kc / kPanel; ++p) {
-          const int64_t panel = kg * (kc / kPanel) + p;
-          avx2::gemm_rows(count, g.c, 1, row_ptrs.data(), up + (f * panels + panel) * g.c * kPanel,
-                          m + f * count * kc + p * kPanel, kc, avx2::Epilogue{});
+          const float* panel = up + (f * panels + kg * (kc / kPanel) + p) * g.c * kPanel;
+          float* c = m + f * count * kc + p * kPanel;
+          if (brgemm) {
+            // The panel (C x 16, row-major) is brgemm's B as it is.
+            at::native::cpublas::brgemm(count, kPanel, g.c, g.c, kPanel, kc, false, a, panel, c, false);
+          } else {
+            avx2::gemm_rows(count, g.c, 1, row_ptrs.data(), panel, c, kc, avx2::Epilogue{});
+          }
         }
       }
       if (output_transform<M>(m, g, t0, count, kg * kc, kc, bp, rp, relu, yp)) {
         nonfinite.store(true, std::memory_order_relaxed);
       }
+    }
+    if (brgemm) {
+      at::native::cpublas::brgemm_release(false);  // frees AMX tile state where oneDNN used it
     }
   });
   return !nonfinite.load();
@@ -353,14 +364,14 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t tile) {
 }
 
 bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-          bool relu, const at::Tensor& out, int64_t block) {
+          bool relu, const at::Tensor& out, int64_t block, bool brgemm) {
 #if RF_HAVE_X86
   // The transformed weight says which tile it was made for: (T*T, K / 16, C, 16).
   switch (u.size(0)) {
     case 16:
-      return conv_tiles<2>(x, u, bias, residual, relu, out, block);
+      return conv_tiles<2>(x, u, bias, residual, relu, out, block, brgemm);
     case 36:
-      return conv_tiles<4>(x, u, bias, residual, relu, out, block);
+      return conv_tiles<4>(x, u, bias, residual, relu, out, block, brgemm);
     default:
       TORCH_INTERNAL_ASSERT(false, "not a Winograd-transformed weight");
   }

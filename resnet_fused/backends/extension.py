@@ -28,6 +28,12 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   tile side), forced or timed; unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
   multiply-adds than F(2x2) on large maps, with about 30x a direct convolution's fp32 rounding error
   (still ~1e-6 of the logits on a whole ResNet).
+- ``RESNET_FUSED_GEMM_CORE`` (CPU): the GEMMs under Winograd on ``own`` (our AVX2 micro-kernel) or
+  ``brgemm`` (oneDNN's JIT micro-kernel inside ATen, ``at::native::cpublas::brgemm``, generated for
+  the ISA the CPU has: AVX-512 on an AVX-512 server); unset or ``auto``: timed for each shape's
+  chosen Winograd variant. oneDNN's own ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first
+  call, caps the ISA of brgemm and of the direct convolution, so an AVX-512 machine can run and
+  time the AVX2 code.
 - ``RESNET_FUSED_CPU_POOL_MB`` (CPU): the outputs of our AVX2 kernels come from a pool of blocks
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed
   activations to the kernel and every forward page-faults them back in, 13% of resnet50's batch-8
@@ -61,6 +67,7 @@ CUDNN_FUSED_ENV = "RESNET_FUSED_CUDNN_FUSED"
 ONEDNN_FUSED_ENV = "RESNET_FUSED_ONEDNN_FUSED"
 AVX2_CONV_ENV = "RESNET_FUSED_AVX2_CONV"
 WINOGRAD_TILE_ENV = "RESNET_FUSED_WINOGRAD_TILE"
+GEMM_CORE_ENV = "RESNET_FUSED_GEMM_CORE"
 CPU_POOL_ENV = "RESNET_FUSED_CPU_POOL_MB"
 OPS = ("conv_bias_act", "bias_act", "add_relu")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
@@ -96,8 +103,9 @@ def build_info() -> dict | None:
 
 def cpu_conv_choices() -> list[str]:
     """The kernel the CPU path's per-shape timing chose for each conv shape this process has run
-    (``direct``, ``winograd_f2x2``, ``winograd_f4x4`` or ``implicit_gemm`` with its block), one line
-    per shape; empty when ``_C`` is not loaded or nothing was timed."""
+    (``direct``, ``winograd_f2x2``, ``winograd_f4x4`` or ``implicit_gemm`` with its block, and
+    ``brgemm`` where Winograd's GEMMs run on it), one line per shape; empty when ``_C`` is not
+    loaded or nothing was timed."""
     if _LOAD_ERROR is not None:
         return []
     return list(torch.ops.resnet_fused.cpu_conv_choices())
