@@ -26,7 +26,7 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   always (where they apply; Winograd F(2x2) unless the next switch says 4), ``0`` never.
 - ``RESNET_FUSED_WINOGRAD_TILE`` (CPU): ``2`` or ``4`` keeps only that Winograd variant (its output
   tile side), forced or timed; unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
-  multiply-adds than F(2x2) on large maps, with about 30x a direct convolution's fp32 rounding error
+  multiply-adds than F(2x2) on large maps, with about 20x a direct convolution's fp32 rounding error
   (still ~1e-6 of the logits on a whole ResNet).
 - ``RESNET_FUSED_GEMM_CORE`` (CPU): the GEMMs under Winograd on ``own`` (our AVX2 micro-kernel) or
   ``brgemm`` (oneDNN's JIT micro-kernel inside ATen, ``at::native::cpublas::brgemm``, generated for
