@@ -221,6 +221,23 @@ def test_timed_choices_are_listed(monkeypatch):
     assert (kernel != "direct") == own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
 
 
+def test_changed_switch_is_obeyed_after_timing(monkeypatch):
+    """A shape timed under RESNET_FUSED_WINOGRAD_TILE=2 is timed again under =4, not served the
+    F(2x2) choice: the switches are read on every call."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(GEMM_CORE_ENV, raising=False)
+    x, weight, bias, residual, relu = make_case((1, 32, 48, 7, 11), (True, False, True), "channels_last")
+    ref = reference(x, weight, bias, residual, relu)
+    kernels = []
+    for tile in ("2", "4"):
+        monkeypatch.setenv(WINOGRAD_TILE_ENV, tile)
+        assert_close(conv(x, weight, bias, residual, relu), ref)
+        lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x32x7x11, weight 48x32x3x3,")]
+        kernels = [line.split(": ")[1].split()[0] for line in lines]
+        assert len(kernels) == int(tile) // 2, lines
+    assert kernels.count("winograd_f2x2") <= 1 and kernels.count("winograd_f4x4") <= 1
+
+
 @pytest.mark.parametrize(
     "case",
     ["groups2", "k_not_multiple_of_16", "float64"],

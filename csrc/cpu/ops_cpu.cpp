@@ -419,7 +419,7 @@ struct Choice {
 };
 
 struct ShapeKey {
-  std::array<int64_t, 10> v;  // x sizes, K, kernel size, stride, threads
+  std::array<int64_t, 12> v;  // x sizes, K, kernel size, stride, threads, Winograd tile and GEMM core settings
   bool residual;
   bool operator==(const ShapeKey& o) const {
     return v == o.v && residual == o.residual;
@@ -574,8 +574,11 @@ Choice choose(
     return Choice{kernel, default_block(packed_weight(weight, kernel)), is_winograd(kernel) && core == GemmCore::kBrgemm};
   }
   TimedChoices& timed = timed_choices();
+  // The switches that narrow the candidates are part of the key, so a change of them is obeyed
+  // (they are read on every call) rather than answered with a choice made under the old ones.
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                      stride[0], stride[1], at::get_num_threads()},
+                      stride[0], stride[1], at::get_num_threads(),
+                      kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core)},
                      residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
