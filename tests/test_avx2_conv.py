@@ -6,7 +6,8 @@ RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, groups 1, output
 multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
 kernel size, stride and padding), =0 turns them off, unset times all candidates on a shape's first
 call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant, RESNET_FUSED_GEMM_CORE=own or
-brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm through ATen).
+brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm through ATen),
+RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work between threads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from utils import assert_close, reference_conv_bias_act
 AVX2_CONV_ENV = extension.AVX2_CONV_ENV
 WINOGRAD_TILE_ENV = extension.WINOGRAD_TILE_ENV
 GEMM_CORE_ENV = extension.GEMM_CORE_ENV
+THREAD_SPLIT_ENV = extension.THREAD_SPLIT_ENV
 # Output tile sides of the two Winograd variants.
 TILES = [2, 4]
 
@@ -96,6 +98,12 @@ def core(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["pixels", "channels"])
+def split(request, monkeypatch):
+    monkeypatch.setenv(THREAD_SPLIT_ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
@@ -136,7 +144,7 @@ SHAPES_IGEMM = [
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
 @pytest.mark.parametrize("shape", SHAPES_IGEMM, ids=[f"n{n}c{c}k{k}_{h}x{w}_{r}x{r}s{s}p{p}" for n, c, k, h, w, r, s, p in SHAPES_IGEMM])
-def test_implicit_gemm_matches_float64(shape, flags, layout, forced):
+def test_implicit_gemm_matches_float64(shape, flags, layout, split, forced):
     *dims, kernel, stride, padding = shape
     x, weight, bias, residual, relu = make_case(dims, flags, layout, kernel=kernel, stride=stride, padding=padding)
     assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding))
@@ -183,11 +191,26 @@ def test_winograd_keeps_nan(tile, core, forced):
     assert torch.isfinite(out[0, :, 3:, :]).all() and torch.isfinite(out[0, :, :, 0]).all()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_implicit_gemm_any_thread_count(threads, split, forced):
+    """Split by channels, each thread takes a whole share of the 6 panels (96 channels) with all of
+    the 286 pixels' 6 blocks; 4 threads cannot share 6 panels evenly and fall back to pixels."""
+    x, weight, bias, residual, relu = make_case((2, 24, 96, 13, 11), (True, True, True), "channels_last", kernel=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = conv(x, weight, bias, residual, relu)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, reference(x, weight, bias, residual, relu))
+
+
 @pytest.mark.parametrize("env, value", [(WINOGRAD_TILE_ENV, "3"), (WINOGRAD_TILE_ENV, "F4"), (GEMM_CORE_ENV, "mkl"),
-                                        (GEMM_CORE_ENV, "1")])
+                                        (GEMM_CORE_ENV, "1"), (THREAD_SPLIT_ENV, "rows")])
 def test_switch_values_are_checked(env, value, monkeypatch, forced):
     monkeypatch.setenv(env, value)
-    x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 7), (True, False, True), "channels_last")
+    kernel = 1 if env == THREAD_SPLIT_ENV else 3
+    x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 7), (True, False, True), "channels_last", kernel=kernel)
     with pytest.raises(RuntimeError, match=env):
         conv(x, weight, bias, residual, relu)
 
@@ -219,6 +242,23 @@ def test_timed_choices_are_listed(monkeypatch):
     kernel = lines[0].split(": ")[1].split()[0]
     assert kernel in ("direct", "winograd_f2x2", "winograd_f4x4")
     assert (kernel != "direct") == own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+
+
+@pytest.mark.parametrize("setting, channels", [("pixels", 40), ("channels", 41)])
+def test_thread_split_switch_narrows_the_timed_candidates(setting, channels, monkeypatch):
+    """Timed under RESNET_FUSED_THREAD_SPLIT, an implicit-GEMM choice shares the work that way
+    (each setting on its own shape: the list does not name the setting a choice was made under)."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.setenv(THREAD_SPLIT_ENV, setting)
+    x, weight, bias, residual, relu = make_case((1, channels, 64, 5, 6), (True, True, True), "channels_last", kernel=1)
+    assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
+    prefix = f"x 1x{channels}x5x6, weight 64x{channels}x1x1, stride 1, residual"
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
+    assert len(lines) == 1, extension.cpu_conv_choices()
+    kernel = lines[0].split(": ")[1].split()[0]
+    assert kernel in ("direct", "implicit_gemm")
+    if kernel == "implicit_gemm":
+        assert ("split channels" in lines[0]) == (setting == "channels"), lines[0]
 
 
 def test_changed_switch_is_obeyed_after_timing(monkeypatch):

@@ -6,7 +6,7 @@
 // element of each row. A tap is one (r, s) position of the filter (a 1x1 conv or a GEMM has one);
 // summing taps in registers is what makes a KxK convolution one kernel without an im2col buffer. 6 rows x 2 vectors = 12
 // accumulators + 2 panel vectors + 1 broadcast fill 15 of the 16 ymm registers. Long reductions
-// are cut into chunks that keep their slice of the panel in L1 (gemm_rows), the partial sums
+// are cut into chunks that keep their slice of the panel in L1 (gemm_panels), the partial sums
 // parked in the output between chunks, in the same order as one pass: results are bit-identical.
 //
 // Functions carry target("avx2,fma") instead of the whole build using -mavx2: the extension must
@@ -201,42 +201,52 @@ RF_AVX2 inline void micro_kernel(int64_t c0, int64_t c, int64_t taps, int64_t ro
   }
 }
 
-// Products (taps x channels) per chunk of the reduction: a chunk's slice of the panel (16 KiB)
+// Products (taps x channels) per chunk of the reduction: a chunk's slice of a panel (16 KiB)
 // stays in L1 while every row group of the call uses it. WHY: with the whole reduction at once,
 // a 1x1 conv over 1024 channels streamed its 64 KiB panel from L2 once per six rows.
 constexpr int64_t kChunk = 256;
 
-// All `count` output rows against one panel (taps x c x 16, taps `c * 16` floats apart), six rows
-// at a time, the reduction cut into chunks of whole taps (small c) or of one tap's channels
-// (large c); rows holds `taps` pointers per row. The epilogue is applied by the last chunk.
-RF_AVX2 inline void gemm_rows(int64_t count, int64_t c, int64_t taps, const float* const* rows, const float* panel,
-                              float* out, int64_t ld_out, const Epilogue& e) {
+// All `count` output rows against `panels` consecutive panels (each taps x c x 16, taps `c * 16`
+// floats apart, panels `taps * c * 16` apart; output columns 16 apart), six rows at a time; rows
+// holds `taps` pointers per row. The reduction is cut into chunks of whole taps (small c) or of one
+// tap's channels (large c), and the chunk loop is the outer one: the rows' slice for a chunk is
+// read from L2 for every panel, where one panel at a time through all chunks would sweep all of the
+// rows' channels per panel (800 KB for 196 pixels x 1024 channels: from L3, 16 times per thread).
+// The partial sums wait in the output; every output element still sums its chunks in order, so the
+// result does not depend on the loop order. The last chunk applies the epilogue (`e.bias` and
+// `e.residual` point at the first panel's columns).
+RF_AVX2 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const float* const* rows, const float* panel,
+                                int64_t panels, float* out, int64_t ld_out, const Epilogue& e) {
   const int64_t taps_per_chunk = std::max<int64_t>(1, kChunk / c);
   const int64_t c_chunk = std::min(c, kChunk);
+  const int64_t panel_stride = taps * c * kPanel;
   for (int64_t t0 = 0; t0 < taps; t0 += taps_per_chunk) {
     const int64_t nt = std::min(taps_per_chunk, taps - t0);
     for (int64_t c0 = 0; c0 < c; c0 += c_chunk) {
       const int64_t cc = std::min(c_chunk, c - c0);
       const bool first = t0 == 0 && c0 == 0;
       const bool last = t0 + nt == taps && c0 + cc == c;
-      const float* chunk_panel = panel + (t0 * c + c0) * kPanel;
-      for (int64_t r = 0; r < count; r += kRows) {
-        const float* const* rr = rows + r * taps + t0;
-        float* o = out + r * ld_out;
-        Epilogue er;
-        if (last) {
-          er = e;
-          if (e.residual != nullptr) {
-            er.residual += r * e.ld_residual;
+      for (int64_t p = 0; p < panels; ++p) {
+        const float* chunk_panel = panel + p * panel_stride + (t0 * c + c0) * kPanel;
+        for (int64_t r = 0; r < count; r += kRows) {
+          const float* const* rr = rows + r * taps + t0;
+          float* o = out + r * ld_out + p * kPanel;
+          Epilogue er;
+          if (last && e.bias != nullptr) {
+            er = e;
+            er.bias += p * kPanel;
+            if (e.residual != nullptr) {
+              er.residual += r * e.ld_residual + p * kPanel;
+            }
           }
-        }
-        switch (std::min<int64_t>(kRows, count - r)) {
-          case 6: micro_kernel<6>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
-          case 5: micro_kernel<5>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
-          case 4: micro_kernel<4>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
-          case 3: micro_kernel<3>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
-          case 2: micro_kernel<2>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
-          default: micro_kernel<1>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          switch (std::min<int64_t>(kRows, count - r)) {
+            case 6: micro_kernel<6>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+            case 5: micro_kernel<5>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+            case 4: micro_kernel<4>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+            case 3: micro_kernel<3>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+            case 2: micro_kernel<2>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+            default: micro_kernel<1>(c0, cc, nt, taps, rr, chunk_panel, c * kPanel, o, ld_out, first, er); break;
+          }
         }
       }
     }

@@ -14,10 +14,15 @@ namespace implicit_gemm {
 at::Tensor pack_weight(const at::Tensor& weight);
 
 // out = relu?(conv2d(x, weight, stride, padding) + bias (+ residual)), all dense channels_last fp32;
-// `kernel_size` is the weight's (R, S); `block` output pixels per work item.
+// `kernel_size` is the weight's (R, S); `block` output pixels per work item. The threads share
+// the output pixels, or with `split_channels` the output channels (each thread then reads its
+// share of the weight once and all of the input; possible when the panels divide evenly).
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block);
+          const at::Tensor& out, int64_t block, bool split_channels);
+
+// Whether `split_channels` can apply: the output channels' panels divide evenly between the threads.
+bool can_split_channels(int64_t out_channels, int64_t threads);
 
 }  // namespace implicit_gemm
 }  // namespace resnet_fused

@@ -35,9 +35,13 @@ at::Tensor pack_weight(const at::Tensor& weight) {
   return w.contiguous();
 }
 
+bool can_split_channels(int64_t out_channels, int64_t threads) {
+  return threads > 1 && (out_channels / kPanel) % threads == 0;
+}
+
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block) {
+          const at::Tensor& out, int64_t block, bool split_channels) {
 #if RF_HAVE_X86
   const int64_t n = x.size(0), k = out.size(1), p = out.size(2), q = out.size(3);
   int64_t c = x.size(1), h = x.size(2), w = x.size(3);
@@ -63,14 +67,18 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   const int64_t pixels = n * p * q;
   TORCH_INTERNAL_ASSERT(block >= 1);
   const int64_t threads = at::get_num_threads();
-  const avx2::Blocks split(pixels, std::min(block, pixels), threads);
+  const bool by_channels = split_channels && can_split_channels(k, threads);
+  const avx2::Blocks split(pixels, std::min(block, pixels), by_channels ? 1 : threads);
   const int64_t blocks = split.count();
   const int64_t panels = k / kPanel;
-  // Output channels are split too, so that a small map (7x7 at batch 1) still gives every thread
-  // several work items; no work is duplicated by the split.
-  int64_t k_groups = 1;
-  while (blocks * k_groups < 4 * threads && panels % (k_groups * 2) == 0) {
-    k_groups *= 2;
+  int64_t k_groups = threads;
+  if (!by_channels) {
+    // Output channels are split too, so that a small map (7x7 at batch 1) still gives every thread
+    // several work items; no work is duplicated by the split.
+    k_groups = 1;
+    while (blocks * k_groups < 4 * threads && panels % (k_groups * 2) == 0) {
+      k_groups *= 2;
+    }
   }
   const int64_t group_panels = panels / k_groups;
   const float* xp = input.const_data_ptr<float>();
@@ -84,7 +92,10 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
     rows.resize(split.max_size() * taps);
     zero.assign(c, 0.f);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t blk = item / k_groups, kg = item % k_groups;
+      // Items in order: by channels, thread t gets group t with every block (its share of the
+      // weight read once); by pixels, a thread's items are whole blocks with each of their groups.
+      const int64_t blk = by_channels ? item % blocks : item / k_groups;
+      const int64_t kg = by_channels ? item / blocks : item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       for (int64_t r = 0; r < count; ++r) {
         const int64_t pixel = t0 + r;
@@ -98,11 +109,9 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
           }
         }
       }
-      for (int64_t panel = kg * group_panels; panel < (kg + 1) * group_panels; ++panel) {
-        const int64_t offset = t0 * k + panel * kPanel;
-        avx2::gemm_rows(count, c, taps, rows.data(), wp + panel * taps * c * kPanel, op + offset, k,
+      const int64_t panel = kg * group_panels, offset = t0 * k + panel * kPanel;
+      avx2::gemm_panels(count, c, taps, rows.data(), wp + panel * taps * c * kPanel, group_panels, op + offset, k,
                         avx2::Epilogue{bp + panel * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
-      }
     }
   });
 #else

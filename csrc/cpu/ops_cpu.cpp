@@ -342,16 +342,18 @@ at::Tensor conv_onednn(
 // Which is faster depends on the shape and the machine: Winograd does 2.25x (F(2x2)) or 4x (F(4x4))
 // fewer multiply-adds but reads a 16/9x or 4x larger weight and transforms every tile, so it loses
 // where the weight dominates (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the
-// GEMMs dominate; the implicit GEMM saves oneDNN's separate residual pass but has no cache blocking
-// over C. Like cuDNN's benchmark mode, the first call of each shape times the candidates on the
-// real input and keeps the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does
+// GEMMs dominate; the implicit GEMM saves oneDNN's separate residual pass. Like cuDNN's benchmark
+// mode, the first call of each shape times the candidates on the real input, with the weight
+// evicted from the caches as it is in a model (evict_weight), and keeps the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does
 // where they apply (Winograd F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one
 // Winograd variant only (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM
-// under Winograd (else timed).
+// under Winograd (else timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit
+// GEMM shares its work between the threads (else timed; forced mode shares pixels unless told).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
 constexpr const char* kGemmCoreEnv = "RESNET_FUSED_GEMM_CORE";
+constexpr const char* kThreadSplitEnv = "RESNET_FUSED_THREAD_SPLIT";
 
 enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm };
 
@@ -377,6 +379,18 @@ GemmCore gemm_core_setting() {
   TORCH_CHECK(std::strcmp(value, "own") == 0 || std::strcmp(value, "brgemm") == 0, "resnet_fused: ", kGemmCoreEnv,
               " must be own, brgemm or auto, got '", value, "'");
   return value[0] == 'b' ? GemmCore::kBrgemm : GemmCore::kOwn;
+}
+
+enum class ThreadSplit { kAuto, kPixels, kChannels };
+
+ThreadSplit thread_split_setting() {
+  const char* value = std::getenv(kThreadSplitEnv);
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
+    return ThreadSplit::kAuto;
+  }
+  TORCH_CHECK(std::strcmp(value, "pixels") == 0 || std::strcmp(value, "channels") == 0, "resnet_fused: ",
+              kThreadSplitEnv, " must be pixels, channels or auto, got '", value, "'");
+  return value[0] == 'c' ? ThreadSplit::kChannels : ThreadSplit::kPixels;
 }
 
 bool is_winograd(Kernel kernel) {
@@ -407,6 +421,7 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
 // Tiles (Winograd) or output pixels (implicit GEMM) per work item. Small blocks keep a block's data in L2; large
 // ones read the packed weight fewer times, which pays once it no longer fits in cache.
 constexpr int64_t kBlockCandidates[] = {12, 48, 192};
+constexpr int64_t kSplitChannelsBlockCandidates[] = {48, 192};
 
 int64_t default_block(const at::Tensor& packed) {
   return packed.numel() * 4 > (8 << 20) ? 192 : 48;
@@ -415,11 +430,12 @@ int64_t default_block(const at::Tensor& packed) {
 struct Choice {
   Kernel kernel = Kernel::kDirect;
   int64_t block = 0;
-  bool brgemm = false;  // Winograd's GEMMs on oneDNN's brgemm
+  bool brgemm = false;          // Winograd's GEMMs on oneDNN's brgemm
+  bool split_channels = false;  // implicit GEMM: the threads share output channels, not pixels
 };
 
 struct ShapeKey {
-  std::array<int64_t, 12> v;  // x sizes, K, kernel size, stride, threads, Winograd tile and GEMM core settings
+  std::array<int64_t, 13> v;  // x sizes, K, kernel size, stride, threads, tile, GEMM core and thread split settings
   bool residual;
   bool operator==(const ShapeKey& o) const {
     return v == o.v && residual == o.residual;
@@ -437,18 +453,20 @@ struct ShapeKeyHash {
 };
 
 // Index of the fastest of `candidates`: each run once to warm up (first touch of buffers, oneDNN
-// primitive creation, weight packing), then timed round-robin, best of kTimedRounds each.
+// primitive creation, weight packing), then timed round-robin, best of kTimedRounds each, with
+// `before_each` run (untimed) before every timed run.
 // WHY round-robin: this VM's speed drifts; timing one candidate after another let a slow moment
 // decide a layer's kernel for the life of the process (whole-model times moved by up to 8%).
 constexpr int kTimedRounds = 3;
 
-size_t fastest(const std::vector<std::function<void()>>& candidates) {
+size_t fastest(const std::vector<std::function<void()>>& candidates, const std::function<void()>& before_each) {
   for (const auto& run : candidates) {
     run();
   }
   std::vector<double> best(candidates.size(), 1e30);
   for (int round = 0; round < kTimedRounds; ++round) {
     for (size_t i = 0; i < candidates.size(); ++i) {
+      before_each();
       const auto start = std::chrono::steady_clock::now();
       candidates[i]();
       best[i] = std::min(best[i], std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
@@ -461,6 +479,39 @@ size_t fastest(const std::vector<std::function<void()>>& candidates) {
 WeightCache& own_kernel_weights() {
   static auto* cache = new WeightCache();  // never destroyed, like onednn_weights()
   return *cache;
+}
+
+// Writes back and drops `t`'s storage (all of it, whatever part `t` views) from every cache level.
+void evict_from_caches(const at::Tensor& t) {
+#if RF_HAVE_X86
+  if (!t.has_storage() || t.storage().data() == nullptr) {
+    return;
+  }
+  const char* begin = static_cast<const char*>(t.storage().data());
+  const char* end = begin + t.storage().nbytes();
+  for (const char* line = begin; line < end; line += 64) {
+    _mm_clflush(line);
+  }
+  _mm_mfence();
+#else
+  (void)t;  // elsewhere the timing runs with whatever the caches hold
+#endif
+}
+
+// The weight and every copy derived from it, evicted before each timed run: in a model, a layer's
+// weight was last read a whole forward pass ago and a ResNet's weights (47 MB for resnet18, 100 MB
+// for resnet50, more with Winograd's copies) exceed the last-level cache, so every conv reads its
+// weight from DRAM. Timed hot (the call repeated), kernels that re-read a large weight looked
+// fast: at batch 1, 14x14 and 7x7 maps, where the weight outweighs the activations, the timed
+// choices ran 5-50% slower in the model than when timed. The input stays cached, as in a model,
+// where the previous layer has just written it.
+void evict_weight(const at::Tensor& weight) {
+  evict_from_caches(weight);
+  for (WeightCache* cache : {&onednn_weights(), &own_kernel_weights()}) {
+    for (const at::Tensor& value : cache->values(weight)) {
+      evict_from_caches(value);
+    }
+  }
 }
 
 at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
@@ -476,7 +527,7 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
 }
 
 at::Tensor conv_own(
-    Kernel kernel,
+    const Choice& choice,
     const at::Tensor& x,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -484,25 +535,24 @@ at::Tensor conv_own(
     at::IntArrayRef padding,
     const std::optional<at::Tensor>& residual,
     bool relu,
-    int64_t block,
-    bool brgemm,
     const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
-  const at::Tensor packed = packed_weight(weight, kernel);
+  const at::Tensor packed = packed_weight(weight, choice.kernel);
   at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
   std::optional<at::Tensor> r;
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
-  if (kernel == Kernel::kImplicitGemm) {
-    implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out, block);
-  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, block, brgemm)) {
+  if (choice.kernel == Kernel::kImplicitGemm) {
+    implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
+                        choice.block, choice.split_channels);
+  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, choice.brgemm)) {
     // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
     // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
     const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemm);
-    return conv_own(Kernel::kImplicitGemm, x, weight, bias, stride, padding, residual, relu, default_block(igemm),
-                    false, out_sizes);
+    return conv_own(Choice{Kernel::kImplicitGemm, default_block(igemm)}, x, weight, bias, stride, padding, residual,
+                    relu, out_sizes);
   }
   return out;
 }
@@ -566,19 +616,22 @@ Choice choose(
     c10::MemoryFormat format,
     const std::array<int64_t, 4>& out_sizes) {
   const GemmCore core = gemm_core_setting();
+  const ThreadSplit split = thread_split_setting();
   if (mode >= 0) {
     if (mode == 0) {
       return Choice{};
     }
     const Kernel kernel = kernels.front();
-    return Choice{kernel, default_block(packed_weight(weight, kernel)), is_winograd(kernel) && core == GemmCore::kBrgemm};
+    return Choice{kernel, default_block(packed_weight(weight, kernel)), is_winograd(kernel) && core == GemmCore::kBrgemm,
+                  kernel == Kernel::kImplicitGemm && split == ThreadSplit::kChannels};
   }
   TimedChoices& timed = timed_choices();
   // The switches that narrow the candidates are part of the key, so a change of them is obeyed
   // (they are read on every call) rather than answered with a choice made under the old ones.
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                       stride[0], stride[1], at::get_num_threads(),
-                      kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core)},
+                      kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
+                      static_cast<int64_t>(split)},
                      residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
@@ -593,22 +646,37 @@ Choice choose(
       [&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); }};
   auto run = [&](Choice c) {
     return [&, c] {
-      conv_own(c.kernel, x, weight, bias, stride, padding, residual, relu, c.block, c.brgemm, out_sizes).contiguous(format);
+      conv_own(c, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
     };
   };
   for (Kernel kernel : kernels) {
+    const bool igemm = kernel == Kernel::kImplicitGemm;
     for (int64_t block : kBlockCandidates) {
+      if (igemm && split == ThreadSplit::kChannels) {
+        break;
+      }
       options.push_back(Choice{kernel, block, is_winograd(kernel) && core == GemmCore::kBrgemm});
       candidates.push_back(run(options.back()));
     }
+    if (igemm && (split == ThreadSplit::kChannels ||
+                  (split == ThreadSplit::kAuto &&
+                   implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())))) {
+      // Channels split between the threads: each reads its share of the weight once. Small
+      // blocks would re-read that share once per block.
+      for (int64_t block : kSplitChannelsBlockCandidates) {
+        options.push_back(Choice{kernel, block, false, true});
+        candidates.push_back(run(options.back()));
+      }
+    }
   }
-  Choice best = options[fastest(candidates)];
+  const auto evict = [&] { evict_weight(weight); };
+  Choice best = options[fastest(candidates, evict)];
   if (is_winograd(best.kernel) && core == GemmCore::kAuto) {
     // The GEMM core is timed for the chosen kernel and block only: the two cores compute the same
     // GEMMs, so what favours one kernel or block favours it on either core.
     Choice with_brgemm = best;
     with_brgemm.brgemm = true;
-    if (fastest({run(best), run(with_brgemm)}) == 1) {
+    if (fastest({run(best), run(with_brgemm)}, evict) == 1) {
       best = with_brgemm;
     }
   }
@@ -640,9 +708,7 @@ at::Tensor conv_bias_act_cpu(
   if (x.numel() > 0 && mode != 0) {
     const Choice choice = choose(mode, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
     if (choice.kernel != Kernel::kDirect) {
-      return conv_own(choice.kernel, x, weight, bias, stride, padding, residual, relu, choice.block, choice.brgemm,
-                      out_sizes)
-          .contiguous(format);
+      return conv_own(choice, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
     }
   }
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);
@@ -669,7 +735,8 @@ std::vector<std::string> cpu_conv_choices() {
          << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", " << v[9]
          << " threads: " << kernel_name(choice.kernel);
     if (choice.kernel != Kernel::kDirect) {
-      line << " block " << choice.block << (choice.brgemm ? " brgemm" : "");
+      line << " block " << choice.block << (choice.brgemm ? " brgemm" : "")
+           << (choice.split_channels ? " split channels" : "");
     }
     lines.push_back(line.str());
   }

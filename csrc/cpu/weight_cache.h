@@ -114,6 +114,19 @@ class WeightCache {
     }
   }
 
+  // The values held for `weight` in its current state, under any key.
+  std::vector<at::Tensor> values(const at::Tensor& weight) {
+    std::vector<at::Tensor> found;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(weight.unsafeGetTensorImpl());
+    if (it != entries_.end() && it->second.state == State::of(weight) && !it->second.owner.expired()) {
+      for (const auto& value : it->second.values) {
+        found.push_back(value.second);
+      }
+    }
+    return found;
+  }
+
   // Whether get() would cache for this weight (else it makes the value on every call).
   static bool cacheable(const at::Tensor& weight) {
     return weight.defined() && !weight.is_inference() && weight.has_storage();

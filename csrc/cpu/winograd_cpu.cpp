@@ -307,15 +307,16 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
         for (int64_t r = 0; r < count && !brgemm; ++r) {
           row_ptrs[r] = a + r * g.c;
         }
-        for (int64_t p = 0; p < kc / kPanel; ++p) {
-          const float* panel = up + (f * panels + kg * (kc / kPanel) + p) * g.c * kPanel;
-          float* c = m + f * count * kc + p * kPanel;
-          if (brgemm) {
+        const float* group = up + (f * panels + kg * (kc / kPanel)) * g.c * kPanel;
+        float* c = m + f * count * kc;
+        if (brgemm) {
+          for (int64_t p = 0; p < kc / kPanel; ++p) {
             // The panel (C x 16, row-major) is brgemm's B as it is.
-            at::native::cpublas::brgemm(count, kPanel, g.c, g.c, kPanel, kc, false, a, panel, c, false);
-          } else {
-            avx2::gemm_rows(count, g.c, 1, row_ptrs.data(), panel, c, kc, avx2::Epilogue{});
+            at::native::cpublas::brgemm(count, kPanel, g.c, g.c, kPanel, kc, false, a, group + p * g.c * kPanel,
+                                        c + p * kPanel, false);
           }
+        } else {
+          avx2::gemm_panels(count, g.c, 1, row_ptrs.data(), group, kc / kPanel, c, kc, avx2::Epilogue{});
         }
       }
       if (output_transform<M>(m, g, t0, count, kg * kc, kc, bp, rp, relu, yp)) {
