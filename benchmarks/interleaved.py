@@ -81,7 +81,8 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = T
             if not verdict.ok:
                 raise SystemExit(f"{arch} b{batch} {name}: output differs from float64: {verdict}")
             errors[name] = rel_error(out, reference)
-    timings = bench.time_interleaved(fns, feeds, rounds=rounds, per_round=3 if batch == 1 else 1)
+    timings = bench.time_interleaved(fns, feeds, rounds=rounds, per_round=3 if batch == 1 else 1,
+                                     settle_s=bench.CPU_SETTLE_S)
     medians = {name: t.median_ms for name, t in timings.items()}
     best_peer = min(ms for name, ms in medians.items() if kinds[name] in PEER_KINDS)
     return [

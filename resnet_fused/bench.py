@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Timing", "time_fn", "time_interleaved", "make_inputs", "Variant", "model_variants", "PEERS", "peer_variants",
+__all__ = ["Timing", "time_fn", "time_interleaved", "CPU_SETTLE_S", "make_inputs", "Variant", "model_variants", "PEERS", "peer_variants",
            "environment", "cpu_flags"]
 
 
@@ -85,9 +85,18 @@ def time_fn(fn: Callable[[torch.Tensor], object], inputs: Sequence[torch.Tensor]
     return timing
 
 
+# Idle time before each variant's turn on the CPU. WHY: ONNX Runtime's worker threads keep spinning
+# for tens of milliseconds after a run (its default), taking a core from whatever runs next: on the
+# 2-core dev machine the next variant's first resnet50 forward took 103-123 ms instead of 63-69 right
+# after ONNX Runtime, 69 ms after a 30 ms pause and 63 ms after 100 ms. Each variant is timed on a
+# machine the previous one has left idle.
+CPU_SETTLE_S = 0.1
+
+
 def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], inputs: dict[str, Sequence[torch.Tensor]], *,
-                     rounds: int = 8, per_round: int = 3, warmup: int = 2) -> dict[str, Timing]:
-    """Time several variants round-robin: each round times every variant ``per_round`` times.
+                     rounds: int = 8, per_round: int = 3, warmup: int = 2, settle_s: float = 0.0) -> dict[str, Timing]:
+    """Time several variants round-robin: each round times every variant ``per_round`` times,
+    after ``settle_s`` seconds of idle (see ``CPU_SETTLE_S``).
 
     On a shared or throttling machine the speed drifts over minutes; timing one variant after
     another turns that drift into a false ratio, interleaving spreads it over all of them.
@@ -97,6 +106,8 @@ def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], inputs: d
         time_fn(fn, inputs[name], warmup=warmup, repeat=0)
     for _ in range(rounds):
         for name, fn in fns.items():
+            if settle_s > 0:
+                time.sleep(settle_s)
             timings[name].times_ms += time_fn(fn, inputs[name], warmup=0, repeat=per_round).times_ms
     return timings
 

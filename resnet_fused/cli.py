@@ -414,7 +414,8 @@ def run_bench(args, progress=True) -> dict:
     from tqdm.auto import tqdm
 
     from .accuracy import rel_error
-    from .bench import Timing, environment, make_inputs, model_variants, peer_variants, time_fn, time_interleaved
+    from .bench import (CPU_SETTLE_S, Timing, environment, make_inputs, model_variants, peer_variants, time_fn,
+                        time_interleaved)
 
     backends = _benchmarkable_backends(device, dtype, args.backend)
     model_name = args.model[0]
@@ -447,7 +448,8 @@ def run_bench(args, progress=True) -> dict:
                 errors[variant.name] = rel_error(fns[variant.name](feeds[variant.name][0]), ref)
     timings = {name: Timing() for name in fns}
     for _ in tqdm(range(args.repeat), desc=f"{desc}: time", unit="round", disable=not progress):
-        for name, part in time_interleaved(fns, feeds, rounds=1, per_round=1, warmup=0).items():
+        settle_s = CPU_SETTLE_S if device.type == "cpu" else 0.0
+        for name, part in time_interleaved(fns, feeds, rounds=1, per_round=1, warmup=0, settle_s=settle_s).items():
             timings[name].times_ms += part.times_ms
     results = [
         {"variant": v.name, "kind": v.kind, "median_ms": timings[v.name].median_ms, "times_ms": timings[v.name].times_ms,

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,26 @@ def test_time_interleaved_times_every_variant_each_round():
     assert {name: len(t.times_ms) for name, t in timings.items()} == {"a": 6, "b": 6}
     # warm-up of each, then rounds alternating a, a, b, b
     assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_time_interleaved_leaves_the_machine_idle_before_each_turn():
+    from resnet_fused.bench import time_interleaved
+
+    stamps = []  # (variant, start, end) of every call
+    def fn(name):
+        def call(x):
+            start = time.perf_counter()
+            time.sleep(0.001)
+            stamps.append((name, start, time.perf_counter()))
+        return call
+
+    inputs = {"a": [torch.ones(1)], "b": [torch.ones(1)]}
+    time_interleaved({"a": fn("a"), "b": fn("b")}, inputs, rounds=2, per_round=2, warmup=0, settle_s=0.05)
+    assert [name for name, _, _ in stamps] == ["a", "a", "b", "b"] * 2
+    for i in range(0, len(stamps), 2):  # each turn's first call starts >= 50 ms after the previous call ended
+        if i > 0:
+            assert stamps[i][1] - stamps[i - 1][2] >= 0.05
+        assert stamps[i + 1][1] - stamps[i][2] < 0.05  # no pause within a turn
 
 
 def test_interleaved_script(tmp_path):
