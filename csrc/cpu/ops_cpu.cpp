@@ -344,11 +344,12 @@ at::Tensor conv_onednn(
 // where the weight dominates (batch 1, 7x7 maps, 512 channels: memory-bound) and wins where the
 // GEMMs dominate; the implicit GEMM saves oneDNN's separate residual pass. Like cuDNN's benchmark
 // mode, the first call of each shape times the candidates on the real input, with the weight
-// evicted from the caches as it is in a model (evict_weight), and keeps the fastest. RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does
-// where they apply (Winograd F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one
-// Winograd variant only (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM
-// under Winograd (else timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit
-// GEMM shares its work between the threads (else timed; forced mode shares pixels unless told).
+// evicted from the caches as it is in a model (evict_weight), and keeps the fastest.
+// RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply (Winograd
+// F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one Winograd variant only
+// (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM under Winograd (else
+// timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit GEMM shares its work
+// between the threads (else timed; forced mode shares pixels unless told).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
@@ -651,16 +652,17 @@ Choice choose(
   };
   for (Kernel kernel : kernels) {
     const bool igemm = kernel == Kernel::kImplicitGemm;
-    for (int64_t block : kBlockCandidates) {
-      if (igemm && split == ThreadSplit::kChannels) {
-        break;
+    const bool by_pixels = !igemm || split != ThreadSplit::kChannels;
+    const bool by_channels = igemm && (split == ThreadSplit::kChannels ||
+                                       (split == ThreadSplit::kAuto &&
+                                        implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())));
+    if (by_pixels) {
+      for (int64_t block : kBlockCandidates) {
+        options.push_back(Choice{kernel, block, is_winograd(kernel) && core == GemmCore::kBrgemm});
+        candidates.push_back(run(options.back()));
       }
-      options.push_back(Choice{kernel, block, is_winograd(kernel) && core == GemmCore::kBrgemm});
-      candidates.push_back(run(options.back()));
     }
-    if (igemm && (split == ThreadSplit::kChannels ||
-                  (split == ThreadSplit::kAuto &&
-                   implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())))) {
+    if (by_channels) {
       // Channels split between the threads: each reads its share of the weight once. Small
       // blocks would re-read that share once per block.
       for (int64_t block : kSplitChannelsBlockCandidates) {
