@@ -447,8 +447,8 @@ def run_bench(args, progress=True) -> dict:
             with torch.inference_mode():
                 errors[variant.name] = rel_error(fns[variant.name](feeds[variant.name][0]), ref)
     timings = {name: Timing() for name in fns}
+    settle_s = CPU_SETTLE_S if device.type == "cpu" else 0.0
     for _ in tqdm(range(args.repeat), desc=f"{desc}: time", unit="round", disable=not progress):
-        settle_s = CPU_SETTLE_S if device.type == "cpu" else 0.0
         for name, part in time_interleaved(fns, feeds, rounds=1, per_round=1, warmup=0, settle_s=settle_s).items():
             timings[name].times_ms += part.times_ms
     results = [

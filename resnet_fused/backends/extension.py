@@ -21,8 +21,10 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
 - ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) and
   F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM
   with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``).
-  Unset or ``auto``: the first call of each shape times them against the direct convolution and
-  keeps the fastest (the losing Winograd variant's transformed weight is then dropped); ``1``
+  Unset or ``auto``: the first call of each shape times them against the direct convolution, with
+  the weight and its packed copies flushed from the CPU caches before each timed run (in a model
+  every layer reads its weight from DRAM), and keeps the fastest (the losing Winograd variant's
+  transformed weight is then dropped); ``1``
   always (where they apply; Winograd F(2x2) unless the next switch says 4), ``0`` never.
 - ``RESNET_FUSED_WINOGRAD_TILE`` (CPU): ``2`` or ``4`` keeps only that Winograd variant (its output
   tile side), forced or timed; unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
@@ -34,6 +36,10 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   chosen Winograd variant. oneDNN's own ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first
   call, caps the ISA of brgemm and of the direct convolution, so an AVX-512 machine can run and
   time the AVX2 code.
+- ``RESNET_FUSED_THREAD_SPLIT`` (CPU): how the implicit GEMM shares a conv between the threads:
+  ``pixels`` (each thread a share of the output pixels; what ``RESNET_FUSED_AVX2_CONV=1`` uses
+  unless told) or ``channels`` (each a share of the output channels, so it reads its share of the
+  weight once: batch-1 layers on small maps); unset or ``auto``: both are timed.
 - ``RESNET_FUSED_CPU_POOL_MB`` (CPU): the outputs of our AVX2 kernels come from a pool of blocks
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed
   activations to the kernel and every forward page-faults them back in, 13% of resnet50's batch-8
