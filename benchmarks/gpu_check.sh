@@ -17,8 +17,11 @@
 #      float64 like `verify` does;
 #   4. the GPU tests (pytest -m gpu), in parallel across cores with pytest-xdist, with one config
 #      per shape (RESNET_FUSED_AUTOTUNE=0) except in the tests of autotuning itself;
-#   5. as time allows: verify of resnet50/resnet18 in every dtype, bench of resnet18 fp16 b256;
+#   5. as time allows: the CPU kernels' tests on this machine's own CPU (its ISA printed), verify of
+#      resnet50/resnet18 in every dtype (one config per shape), bench of resnet18 fp16 b256;
 #   6. results.md and speedup.png rendered from the JSONs; a summary with the H100/H200 targets.
+# GPU_CHECK_SKIP="KEY ..." leaves stages out (a rerun that needs no new numbers from them); the keys:
+# bench50_b256 bench50_b1 gpu_tests verify bench18 cpu_tests.
 # Every stage has a timeout inside the overall budget (GPU_CHECK_BUDGET_S, default 360 s). A stage
 # that the budget leaves no time for says "not run: out of time", one cut short says so too: neither
 # fails the check. Exit status 1 only on a real failure (a failed build, compile, test) or a
@@ -109,6 +112,7 @@ PLAN=(
   "bench resnet50 fp16 b256 (eager, compile, fused)|110"
   "bench resnet50 fp16 b1 (+ CUDA graphs)|90"
   "GPU tests (pytest -m gpu, xdist)|60"
+  "CPU tests on this machine's CPU (xdist)|30"
   "verify resnet50 resnet18 fp32 fp16 bf16|45"
   "bench resnet18 fp16 b256|60"
   "render|5"
@@ -233,7 +237,32 @@ build() {
   fi
   echo "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} MAX_JOBS=$MAX_JOBS"
   "$PY" setup.py -q build_ext --inplace || return 1
-  "$PY" -c "import resnet_fused._C as C; print('build: built', C.__file__)"
+  "$PY" -c "import torch, resnet_fused._C as C; print('build: built', C.__file__)" || return 1
+  probe_build_info
+}
+
+# build_info() as the first call of a fresh process (the tests' fixture and the CLI's environment
+# record call it so), and, on a GPU, after CUDA and cuDNN are initialised: a crash is reported with
+# a native backtrace where cuda-gdb is found (it also debugs host code; the machine has no gdb).
+probe_build_info() {
+  local when code rc failed=0
+  for when in first after_cuda_init; do
+    [ "$when" = after_cuda_init ] && [ "$DEVICE" != cuda ] && continue
+    code="import torch, resnet_fused._C"
+    [ "$when" = after_cuda_init ] && code+="; torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, device='cuda'), torch.ones(1, 1, 1, 1, device='cuda'))"
+    code+="; print('build: build_info ($when):', torch.ops.resnet_fused.build_info())"
+    "$PY" -X faulthandler -c "$code"
+    rc=$?
+    if [ "$rc" != 0 ]; then
+      failed=1
+      echo "build: build_info ($when) FAILED (exit $rc)"
+      if command -v cuda-gdb >/dev/null; then
+        timeout 120 cuda-gdb -q -batch -ex run -ex "bt 40" -ex "info sharedlibrary" --args "$PY" -c "$code" 2>&1 \
+          | grep -vE '^\[(New|Thread) ' | tail -120
+      fi
+    fi
+  done
+  return "$failed"
 }
 
 # Triton kernels of the benchmarks' shapes, compiled across the cores into $TRITON_CACHE_DIR (a fused
@@ -311,7 +340,8 @@ gpu_tests() {
 }
 
 verify() {  # verify CLI_ARGS... --dtype D...: `resnet-fused verify` of each backend on the device, in each dtype it supports
-  "$PY" - "$DEVICE" "$@" <<'PYTHON'
+  # One config per shape: verify judges results, and tuning every fp32 candidate costs a minute of compiling.
+  RESNET_FUSED_AUTOTUNE=0 "$PY" - "$DEVICE" "$@" <<'PYTHON'
 import sys
 from resnet_fused import cli, ops
 
@@ -327,6 +357,20 @@ for name, module in ops.BACKENDS.items():
     failed |= cli.main(["verify", "--device", device, "--backend", name, *args[:at], "--dtype", *dtypes]) != 0
 sys.exit(1 if failed else 0)
 PYTHON
+}
+
+# The CPU kernels' tests on this machine's own CPU (a GPU machine's CPU is often another x86 kind), two
+# threads per worker as on the 2-core machines the suite is written for.
+cpu_tests() {
+  "$PY" - <<'PYTHON'
+from resnet_fused.bench import environment
+e = environment("cpu")
+print(f"cpu tests: {e['cpu_model']}, torch's CPU capability {e['cpu_capability']}, ISA flags {' '.join(e['cpu_flags'])}")
+PYTHON
+  local xdist=()
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
+  OMP_NUM_THREADS=2 "$PY" -m pytest -m "not gpu" tests/test_extension.py tests/test_avx2_conv.py tests/test_ops.py "${xdist[@]}" -q -rfEs \
+    -p no:cacheprovider
 }
 
 # ---- sizes ------------------------------------------------------------------------------------
@@ -346,7 +390,8 @@ else
   WARM_JOBS=$PLAN_CORES; TEST_WORKERS=$CORES
 fi
 export PY REPO DEVICE OUT_DIR MODE CC_MAJOR CC_MINOR ARCH SMS WARM_JOBS TEST_WORKERS DTYPE SIZE WORK
-export -f environment importable cuda_home build warm_up build_and_warm_up our_cubins bench gpu_tests verify
+export -f environment importable cuda_home build probe_build_info warm_up build_and_warm_up our_cubins bench gpu_tests \
+  verify cpu_tests
 
 if [ "${GPU_CHECK_PLAN_ONLY:-0}" = 1 ]; then
   "$PY" benchmarks/sm90_compile_check.py --plan --no-pointwise --models resnet50 --dtypes fp16 --batches 256 1 \
@@ -357,17 +402,29 @@ if [ "${GPU_CHECK_PLAN_ONLY:-0}" = 1 ]; then
   exit 0
 fi
 
+# skipped KEY: whether GPU_CHECK_SKIP names the stage; a skipped stage is listed as such.
+skipped() {
+  [[ " ${GPU_CHECK_SKIP:-} " == *" $1 "* ]] || return 1
+  STAGES+=("$2|not run: skipped (GPU_CHECK_SKIP)|0|$(estimate_of "$2")")
+  say "$2: not run: skipped (GPU_CHECK_SKIP names $1)"
+}
+
 stage "environment" 60 environment
 stage "import without install" 60 importable
 stage "build extension + Triton warm-up (parallel)" 240 build_and_warm_up
 # A rehearsal's JSONs carry the GPU run's names (its batch sizes are smaller), so every later step reads the same files.
-stage "bench resnet50 fp16 b256 (eager, compile, fused)" 200 \
-  bench "bench_resnet50_${DTYPE}_b256.json" resnet50 "$BIG" "${BENCH_BIG[@]}"
-stage "bench resnet50 fp16 b1 (+ CUDA graphs)" 150 \
-  bench "bench_resnet50_${DTYPE}_b1.json" resnet50 "$SMALL" "${BENCH_SMALL[@]}"
-stage "GPU tests (pytest -m gpu, xdist)" 150 gpu_tests
-stage "verify resnet50 resnet18 fp32 fp16 bf16" 90 verify --model "${VERIFY[@]}"
-stage "bench resnet18 fp16 b256" 90 bench "bench_resnet18_${DTYPE}_b256.json" resnet18 "$BIG" "${BENCH_BIG[@]}"
+NAME="bench resnet50 fp16 b256 (eager, compile, fused)"
+skipped bench50_b256 "$NAME" || stage "$NAME" 200 bench "bench_resnet50_${DTYPE}_b256.json" resnet50 "$BIG" "${BENCH_BIG[@]}"
+NAME="bench resnet50 fp16 b1 (+ CUDA graphs)"
+skipped bench50_b1 "$NAME" || stage "$NAME" 150 bench "bench_resnet50_${DTYPE}_b1.json" resnet50 "$SMALL" "${BENCH_SMALL[@]}"
+NAME="GPU tests (pytest -m gpu, xdist)"
+skipped gpu_tests "$NAME" || stage "$NAME" 150 gpu_tests
+NAME="CPU tests on this machine's CPU (xdist)"
+skipped cpu_tests "$NAME" || stage "$NAME" 90 cpu_tests
+NAME="verify resnet50 resnet18 fp32 fp16 bf16"
+skipped verify "$NAME" || stage "$NAME" 120 verify --model "${VERIFY[@]}"
+NAME="bench resnet18 fp16 b256"
+skipped bench18 "$NAME" || stage "$NAME" 90 bench "bench_resnet18_${DTYPE}_b256.json" resnet18 "$BIG" "${BENCH_BIG[@]}"
 
 jsons=()
 for name in "bench_resnet50_${DTYPE}_b256.json" "bench_resnet50_${DTYPE}_b1.json" "bench_resnet18_${DTYPE}_b256.json"; do

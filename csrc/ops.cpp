@@ -18,6 +18,12 @@
 
 namespace resnet_fused {
 
+#define RESNET_FUSED_STR2(x) #x
+#define RESNET_FUSED_STR(x) RESNET_FUSED_STR2(x)
+// The torch this library was compiled against, e.g. "2.11.0".
+constexpr const char* kBuiltForTorch =
+    RESNET_FUSED_STR(TORCH_VERSION_MAJOR) "." RESNET_FUSED_STR(TORCH_VERSION_MINOR) "." RESNET_FUSED_STR(TORCH_VERSION_PATCH);
+
 // Values in the CPU path's caches of prepacked weights (csrc/cpu/ops_cpu.cpp), for tests
 // that check entries of freed or changed weights are dropped.
 int64_t cpu_weight_cache_size();
@@ -28,8 +34,7 @@ std::vector<std::string> cpu_conv_choices();
 // JSON, parsed by resnet_fused.backends.extension.build_info().
 std::string build_info() {
   std::ostringstream out;
-  out << "{\"torch\": \"" << TORCH_VERSION_MAJOR << "." << TORCH_VERSION_MINOR << "." << TORCH_VERSION_PATCH
-      << "\", ";
+  out << "{\"torch\": \"" << kBuiltForTorch << "\", ";
 #ifdef RESNET_FUSED_WITH_CUDA
   out << "\"with_cuda\": true, " << cuda_build_info();
 #else
@@ -57,8 +62,15 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("cpu_conv_choices() -> str[]", &resnet_fused::cpu_conv_choices);
 }
 
-// An empty module: importing it is only a way to load the library with Python's own loader.
+// Importing the module is the way to load the library with Python's own loader. Its one attribute,
+// torch_version, is the build fact a caller checks before calling any op (an op of a library built
+// for another torch may crash instead of failing).
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddStringConstant(m, "torch_version", resnet_fused::kBuiltForTorch) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -94,7 +94,7 @@ def test_render_tiny_json(render, tmp_path):
     results = tmp_path / "in.json"
     results.write_text(json.dumps(_pytest_benchmark_json([
         (256, "eager", "eager", 100.0), (256, "torch.compile", "compile", 50.0),
-        (256, "fused triton", "fused", 40.0), (256, "fused torch", "fused", 80.0),
+        (256, "fused triton", "fused", 30.0), (256, "fused torch", "fused", 80.0),
         (1, "eager", "eager", 5.0), (1, "fused triton + CUDA graph", "fused", 1.25),
     ])))
     cli_record = {"model": "resnet18", "batch": 8, "size": 224, "dtype": "float32",
@@ -107,7 +107,7 @@ def test_render_tiny_json(render, tmp_path):
     out = tmp_path / "results" / "2026-11-28_nvidia-h100-80gb-hbm3"
     assert sorted(p.name for p in out.iterdir()) == ["cli.json", "in.json", "results.md", "speedup.png"]
     text = (out / "results.md").read_text()
-    assert "| resnet50 | 256 | fp16 | 224x224 | fused triton | 40.000 | 6,400.0 | 2.50x | 1.25x | 1.0e-03 |" in text
+    assert "| resnet50 | 256 | fp16 | 224x224 | fused triton | 30.000 | 8,533.3 | 3.33x | 1.67x | 1.0e-03 |" in text
     assert "| resnet18 | 8 | fp32 | 224x224 | fused triton | 3.000 | 2,666.7 | 3.00x | - | - |" in text
     assert "TF32: cuDNN convolutions on" in text and "driver 580.1" in text
     targets = [line for line in text.splitlines() if line.startswith("| resnet50 fp16 batch")]

@@ -136,6 +136,7 @@ def _nvcc_found() -> bool:
 def test_build_matches_torch():
     info = extension.build_info()
     assert info["torch"] == torch.__version__.split("+")[0], info
+    assert extension.built_for_torch() == info["torch"]
 
 
 @needs_ext

@@ -213,6 +213,39 @@ def test_fp32_conv_under_the_new_fp32_precision_api():
         torch.backends.cudnn.allow_tf32 = previous
 
 
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32's 10 mantissa bits, to nearest with ties away from zero (cvt.rna.tf32.f32)."""
+    rounded = ((t.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(t.abs() < float("inf"), rounded, t)
+
+
+def test_round_to_tf32_reference():
+    t = torch.tensor([1.0, 1 + 2**-11, 1 + 2**-12, -(1 + 2**-11), 3 * 2**-10, float("inf"), float("nan")])
+    out = round_to_tf32(t)
+    assert out[:5].tolist() == [1.0, 1 + 2**-10, 1.0, -(1 + 2**-10), 3 * 2**-10]
+    assert out[5] == float("inf") and out[6].isnan()
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["3x3_s1", "1x1_s1_gemm"])
+def test_fp32_tf32_rounds_operands_to_nearest(case):
+    """With TF32 on, an fp32 conv is the exact conv of its operands rounded to nearest TF32. Tensor
+    cores fed raw fp32 truncate instead: positive operands then come out ~1e-3 low, every layer."""
+    x, weight, bias, res = conv_inputs(*CONV_CASES[case])
+    x, weight = x.abs() + 0.1, weight.abs() + 0.01  # all products positive: a truncation bias adds up
+    stride, padding, groups = CONV_CASES[case][6:9]
+    args = dict(stride=stride, padding=padding, groups=groups, residual=res, relu=True)
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        out = ops.conv_bias_act(x, weight, bias, backend="triton", **args)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert_close(out, reference_conv_bias_act(round_to_tf32(x), round_to_tf32(weight), bias, **args), rel=1e-5)
+    unrounded = reference_conv_bias_act(x, weight, bias, **args)
+    assert (out.double() - unrounded).abs().max() > 1e-5 * unrounded.abs().max(), "inputs had no bits to round"
+
+
 def test_dot_precision_follows_tf32_switch():
     from resnet_fused.kernels.conv import dot_precision
 

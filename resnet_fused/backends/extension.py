@@ -99,6 +99,14 @@ def _load() -> str | None:
 _LOAD_ERROR = _load()
 
 
+def built_for_torch() -> str | None:
+    """The torch version ``_C`` was compiled against (``"2.11.0"``), read from the module without
+    calling any op; ``None`` when ``_C`` is not loaded."""
+    if _LOAD_ERROR is not None:
+        return None
+    return importlib.import_module("resnet_fused._C").torch_version
+
+
 def build_info() -> dict | None:
     """How ``_C`` was built: ``torch`` (version built against), ``with_cuda``, and for CUDA builds
     ``cuda`` (toolkit version) and ``cuda_archs`` (nvcc's target list, e.g. ``"900"``). ``None``
