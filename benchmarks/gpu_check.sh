@@ -236,9 +236,28 @@ build() {
     echo "build: no CUDA toolkit: building the CPU-only extension"
   fi
   echo "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} MAX_JOBS=$MAX_JOBS"
+  local cc=${CC:-cc} cxx=${CXX:-c++}
+  echo "build: CC=$cc ($("$cc" --version 2>&1 | head -1)), CXX=$cxx ($("$cxx" --version 2>&1 | head -1))"
   "$PY" setup.py -q build_ext --inplace || return 1
+  # A compiler that links libstdc++ statically makes a library whose op errors crash the process
+  # (the first H200 run's CC/CXX=/opt/gcc did): the system's compilers, where they differ, build it again.
+  if [[ "$(load_error)" == *"own copy of the C++ runtime"* ]] && [ -x /usr/bin/cc ] && [ -x /usr/bin/c++ ] \
+      && [ "$(readlink -f "$(command -v "$cxx")")" != "$(readlink -f /usr/bin/c++)" ]; then
+    echo "build: $cxx linked its own libstdc++ into the library: again with CC=/usr/bin/cc CXX=/usr/bin/c++ ($(/usr/bin/c++ --version | head -1))"
+    CC=/usr/bin/cc CXX=/usr/bin/c++ "$PY" setup.py -q build_ext --inplace --force || return 1
+  fi
+  local problem
+  problem=$(load_error)
+  if [ -n "$problem" ]; then
+    echo "build: FAILED: the built library does not load: $problem"
+    return 1
+  fi
   "$PY" -c "import torch, resnet_fused._C as C; print('build: built', C.__file__)" || return 1
   probe_build_info
+}
+
+load_error() {  # why resnet_fused._C cannot be used, or nothing
+  "$PY" -c "from resnet_fused.backends import extension as e; print(e.load_error() or '')"
 }
 
 # build_info() as the first call of a fresh process (the tests' fixture and the CLI's environment
@@ -390,7 +409,7 @@ else
   WARM_JOBS=$PLAN_CORES; TEST_WORKERS=$CORES
 fi
 export PY REPO DEVICE OUT_DIR MODE CC_MAJOR CC_MINOR ARCH SMS WARM_JOBS TEST_WORKERS DTYPE SIZE WORK
-export -f environment importable cuda_home build probe_build_info warm_up build_and_warm_up our_cubins bench gpu_tests \
+export -f environment importable cuda_home build load_error probe_build_info warm_up build_and_warm_up our_cubins bench gpu_tests \
   verify cpu_tests
 
 if [ "${GPU_CHECK_PLAN_ONLY:-0}" = 1 ]; then

@@ -6,9 +6,11 @@ GPU tests of the same ops are in test_extension_cuda.py.
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -130,6 +132,37 @@ def test_extension_loads():
 def _nvcc_found() -> bool:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     return shutil.which("nvcc") is not None or os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def _thrower_library(tmp_path, name: str, *link_flags: str) -> str:
+    """A loaded shared library that throws a C++ exception, linked with ``link_flags``."""
+    source = tmp_path / "thrower.cpp"
+    source.write_text('#include <stdexcept>\nextern "C" void resnet_fused_thrower() { throw std::runtime_error("x"); }\n')
+    path = tmp_path / f"lib{name}.so"
+    compiler = shutil.which("c++") or shutil.which("g++")
+    subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(path), *link_flags], check=True)
+    ctypes.CDLL(str(path))  # the check looks at a loaded library, as _C is when it runs
+    return str(path)
+
+
+def test_own_cxx_runtime_is_detected(tmp_path):
+    """A library linked with its own libstdc++ (the kind that crashed on the H200 machine) is told
+    apart from one that shares the process's."""
+    assert extension.defines_own_cxx_runtime(_thrower_library(tmp_path, "static", "-static-libstdc++", "-static-libgcc"))
+    assert not extension.defines_own_cxx_runtime(_thrower_library(tmp_path, "shared"))
+
+
+def test_own_cxx_runtime_refuses_the_build(monkeypatch):
+    monkeypatch.setattr(extension, "defines_own_cxx_runtime", lambda path: True)
+    reason = extension._load()
+    assert "own copy of the C++ runtime" in reason and "CXX=c++" in reason and "pip install" in reason
+
+
+@needs_ext
+def test_loaded_build_shares_the_cxx_runtime():
+    import resnet_fused._C as built
+
+    assert not extension.defines_own_cxx_runtime(built.__file__)
 
 
 @needs_ext

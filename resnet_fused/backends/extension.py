@@ -60,8 +60,10 @@ own kernels' packed weights are cached the same way.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
+import os
 
 import torch
 import torch._prims_common
@@ -82,10 +84,34 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
 
 
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def defines_own_cxx_runtime(path: str) -> bool:
+    """Whether the loaded shared library at ``path`` defines ``__cxa_throw`` itself: it carries a
+    private copy of libstdc++, linked statically (by a compiler built without shared runtime
+    libraries, say). torch's exceptions then unwind through frames of another C++ runtime, and
+    strings cross between the two: seen on an H200 machine as segfaults on every op error, and here,
+    with ``-static-libstdc++``, as error messages and op results cut short. False where ``dladdr``
+    is missing (not glibc)."""
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        throw = ctypes.cast(lib["__cxa_throw"], ctypes.c_void_p).value
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return False
+    info = _DlInfo()
+    if not dladdr(ctypes.c_void_p(throw), ctypes.byref(info)) or info.dli_fname is None:
+        return False
+    return os.path.realpath(info.dli_fname.decode()) == os.path.realpath(path)
+
+
 def _load() -> str | None:
     """Import the library (its static initialisers register the ops); the reason if that fails."""
     try:
-        importlib.import_module("resnet_fused._C")
+        module = importlib.import_module("resnet_fused._C")
     except ModuleNotFoundError as e:
         if e.name == "resnet_fused._C":
             return f"resnet_fused._C is not built: {e}; {_BUILD_HINT}"
@@ -93,6 +119,12 @@ def _load() -> str | None:
     except (ImportError, OSError) as e:
         # Typically undefined symbols: built against another torch than this one.
         return f"resnet_fused._C failed to load (built against another torch than {torch.__version__}?): {e}; {_BUILD_HINT}"
+    if defines_own_cxx_runtime(module.__file__):
+        return (
+            f"{module.__file__} carries its own copy of the C++ runtime (libstdc++ linked statically), so C++ "
+            "exceptions and strings crossing into torch crash or come out garbled; rebuild it with a compiler that "
+            "links libstdc++ dynamically (torch's build takes $CC and $CXX, e.g. CC=cc CXX=c++); " + _BUILD_HINT
+        )
     return None
 
 
