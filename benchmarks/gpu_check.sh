@@ -18,11 +18,13 @@
 #   4. the GPU tests (pytest -m gpu), in parallel across cores with pytest-xdist, with one config
 #      per shape (RESNET_FUSED_AUTOTUNE=0) except in the tests of autotuning itself;
 #   5. as time allows: the CPU kernels' tests on this machine's own CPU (its ISA printed), verify of
-#      resnet50/resnet18 in every dtype (one config per shape), bench of resnet18 fp16 b256;
+#      resnet50/resnet18 in every dtype (one config per shape), bench of resnet18 fp16 b256, and
+#      resnet50's convs one by one at b256 (benchmarks/bench_ops.py: each fused op per backend against
+#      eager's conv -> BN (-> add) -> ReLU), the table that says which layers to work on;
 #   6. results.md and speedup.png rendered from the JSONs; a summary with the H100/H200 targets.
 # GPU_CHECK_SKIP="KEY ..." leaves stages out (a rerun that needs no new numbers from them); the keys:
-# bench50_b256 bench50_b1 gpu_tests verify bench18 cpu_tests.
-# Every stage has a timeout inside the overall budget (GPU_CHECK_BUDGET_S, default 360 s). A stage
+# bench50_b256 bench50_b1 gpu_tests cpu_tests verify bench18 ops50.
+# Every stage has a timeout inside the overall budget (GPU_CHECK_BUDGET_S, default 420 s). A stage
 # that the budget leaves no time for says "not run: out of time", one cut short says so too: neither
 # fails the check. Exit status 1 only on a real failure (a failed build, compile, test) or a
 # numerical mismatch; missed performance targets are reported, not failed.
@@ -81,7 +83,7 @@ ARCH=$((CC_MAJOR * 10 + CC_MINOR))
 CORES=$(nproc)
 GPU_CORES=${GPU_CHECK_GPU_CORES:-16}  # the GPU machine's cores, for the rehearsal's estimates
 PLAN_CORES=$([ "$MODE" = full ] && echo "$CORES" || echo "$GPU_CORES")
-BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$MODE" = full ] && echo 360 || echo 900)}
+BUDGET=${GPU_CHECK_BUDGET_S:-$([ "$MODE" = full ] && echo 420 || echo 900)}
 RENDER_RESERVE=20  # kept back so that the results are always rendered
 
 echo "gpu_check: repository $REPO, output $OUT_DIR, python $(command -v "$PY"), $MODE on $DEVICE, $CORES cores, budget ${BUDGET}s"
@@ -102,19 +104,19 @@ if [ "$MODE" = rehearsal ] && [ "$DEVICE" = cpu ]; then
 fi
 
 # ---- the plan: every stage with its estimated seconds on the GPU machine ------------------------
-# Estimates for an H100/H200 with 16 cores from cold: torch.compile (inductor, freezing) of resnet50
-# ~60 s per batch size; the warm-up's ~150 kernels at ~1.3 s each on 16 cores (sm90_compile_check
-# --plan prints its own estimate); the extension ~60 s (its 8 sources on 8 cores; 2 min on 2).
+# Seconds measured on the H200 machine (16 cores) on 2026-11-30, from cold: the extension builds in
+# ~30 s beside the warm-up's 80 kernels (~10 s); a rebuild with other compilers adds ~30 s.
 PLAN=(
   "environment|10"
-  "import without install|5"
-  "build extension + Triton warm-up (parallel)|75"
-  "bench resnet50 fp16 b256 (eager, compile, fused)|110"
-  "bench resnet50 fp16 b1 (+ CUDA graphs)|90"
-  "GPU tests (pytest -m gpu, xdist)|60"
-  "CPU tests on this machine's CPU (xdist)|30"
+  "import without install|1"
+  "build extension + Triton warm-up (parallel)|35"
+  "bench resnet50 fp16 b256 (eager, compile, fused)|45"
+  "bench resnet50 fp16 b1 (+ CUDA graphs)|40"
+  "GPU tests (pytest -m gpu, xdist)|140"
+  "CPU tests on this machine's CPU (xdist)|40"
   "verify resnet50 resnet18 fp32 fp16 bf16|45"
-  "bench resnet18 fp16 b256|60"
+  "bench resnet18 fp16 b256|35"
+  "ops of resnet50 fp16 b256 one by one|60"
   "render|5"
 )
 estimate_of() { local row; for row in "${PLAN[@]}"; do [ "${row%%|*}" = "$1" ] && { echo "${row##*|}"; return; }; done; echo "-"; }
@@ -392,6 +394,12 @@ PYTHON
     -p no:cacheprovider
 }
 
+ops_bench() {  # JSON: benchmarks/bench_ops.py over resnet50's distinct convs, without torch.compile
+  "$PY" -m pytest benchmarks/bench_ops.py -q -p no:cacheprovider --bench-device "$DEVICE" --bench-models resnet50 \
+    --bench-batch "$BIG" --bench-dtype "$DTYPE" --bench-size "$SIZE" --bench-no-compile --bench-repeat 20 \
+    --bench-min-time 0.2 --benchmark-json "$1"
+}
+
 # ---- sizes ------------------------------------------------------------------------------------
 if [ "$MODE" = full ]; then
   DTYPE=fp16; SIZE=224; BIG=256; SMALL=1
@@ -399,7 +407,7 @@ if [ "$MODE" = full ]; then
   BENCH_SMALL=(--compile --cuda-graph --repeat 30)
   VERIFY=(resnet50 resnet18 --dtype fp32 fp16 bf16)
   export MAX_JOBS=${MAX_JOBS:-8}  # the extension's 8 sources, beside the warm-up's compiles
-  WARM_JOBS=$CORES; TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-8}
+  WARM_JOBS=$CORES; TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-12}
 else
   DTYPE=$([ "$DEVICE" = cuda ] && echo fp16 || echo fp32); SIZE=32; BIG=2; SMALL=1
   BENCH_BIG=(--repeat 2 --warmup 1)
@@ -410,7 +418,7 @@ else
 fi
 export PY REPO DEVICE OUT_DIR MODE CC_MAJOR CC_MINOR ARCH SMS WARM_JOBS TEST_WORKERS DTYPE SIZE WORK
 export -f environment importable cuda_home build load_error probe_build_info warm_up build_and_warm_up our_cubins bench gpu_tests \
-  verify cpu_tests
+  verify cpu_tests ops_bench
 
 if [ "${GPU_CHECK_PLAN_ONLY:-0}" = 1 ]; then
   "$PY" benchmarks/sm90_compile_check.py --plan --no-pointwise --models resnet50 --dtypes fp16 --batches 256 1 \
@@ -444,11 +452,15 @@ NAME="verify resnet50 resnet18 fp32 fp16 bf16"
 skipped verify "$NAME" || stage "$NAME" 120 verify --model "${VERIFY[@]}"
 NAME="bench resnet18 fp16 b256"
 skipped bench18 "$NAME" || stage "$NAME" 90 bench "bench_resnet18_${DTYPE}_b256.json" resnet18 "$BIG" "${BENCH_BIG[@]}"
+# Its JSON stays in WORK (at most 8 files come back from the GPU machine): results.md carries its table.
+NAME="ops of resnet50 fp16 b256 one by one"
+skipped ops50 "$NAME" || stage "$NAME" 90 ops_bench "$WORK/ops.json"
 
 jsons=()
 for name in "bench_resnet50_${DTYPE}_b256.json" "bench_resnet50_${DTYPE}_b1.json" "bench_resnet18_${DTYPE}_b256.json"; do
   [ -s "$OUT_DIR/$name" ] && jsons+=("$OUT_DIR/$name")
 done
+[ -s "$WORK/ops.json" ] && jsons+=("$WORK/ops.json")
 RENDERED=""
 if [ "${#jsons[@]}" -gt 0 ]; then
   RENDER_RESERVE=0

@@ -418,6 +418,10 @@ def run_bench(args, progress=True) -> dict:
                         time_interleaved)
 
     backends = _benchmarkable_backends(device, dtype, args.backend)
+    if device.type == "cuda":
+        # Every variant (eager, torch.compile, ours where it calls cuDNN) with cuDNN's per-shape
+        # algorithm search, as a GPU comparison of eager at its best runs; the JSON records the setting.
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     model_name = args.model[0]
     _say(args, f"{model_name}: building the model ({_weights_line(args)})")
     model = build_model(model_name, weights=args.weights, seed=args.seed)
@@ -588,6 +592,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--peers", action="store_true",
                        help="also time ONNX Runtime and OpenVINO on an ONNX export of the model (CPU; pip install resnet-fused[peers])")
     bench.add_argument("--cuda-graph", action="store_true", help="also time CUDA-graph replay (cuda only)")
+    bench.add_argument("--no-cudnn-benchmark", action="store_true",
+                       help="on cuda, leave torch.backends.cudnn.benchmark off (by default every variant runs with it on)")
     bench.add_argument("--json", type=_output_file, default=None, help="write the results as JSON here")
     bench.set_defaults(func=cmd_bench)
     export = sub.add_parser("export", help="write the fused model as a torch.export program (.pt2), checked by loading it back")

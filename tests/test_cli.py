@@ -79,6 +79,29 @@ def test_bench_writes_json(tmp_path, capsys):
     assert record["environment"]["torch"] == torch.__version__
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-cudnn-benchmark"], False)])
+def test_bench_on_cuda_records_the_cudnn_search(flag, expected, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--device", "cuda", "--model", "resnet18", "--size", "32", "--batch", "2", "--repeat", "1",
+            "--warmup", "1", "--backend", "torch", "--json", str(path), "--no-progress", *flag]
+    previous = torch.backends.cudnn.benchmark
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        torch.backends.cudnn.benchmark = previous
+    assert json.loads(path.read_text())["environment"]["cudnn_benchmark"] is expected
+
+
+def test_bench_on_cpu_leaves_cudnn_alone(tmp_path, capsys):
+    argv = ["bench", "--model", "resnet18", "--size", "32", "--batch", "1", "--repeat", "1", "--warmup", "0",
+            "--backend", "torch", "--no-progress"]
+    previous = torch.backends.cudnn.benchmark
+    assert cli.main(argv) == 0 and torch.backends.cudnn.benchmark == previous
+    assert cli.main([*argv, "--no-cudnn-benchmark"]) == 0 and torch.backends.cudnn.benchmark == previous
+
+
 def _installed(*modules) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 

@@ -154,6 +154,8 @@ def _conv_calls(program: torch.export.ExportedProgram) -> tuple[int, int]:
 def _run_fresh(script: str, **paths) -> None:
     """Run ``script`` in a new Python (the same interpreter) with the given paths as variables."""
     prologue = "".join(f"{name} = {os.fspath(path)!r}\n" for name, path in paths.items())
+    # fp32 convs without TF32, as in this process (nan_filled_empty_exact_fp32): the outputs are compared.
+    prologue += "import torch\ntorch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False\n"
     result = subprocess.run(
         [sys.executable, "-c", prologue + textwrap.dedent(script)], capture_output=True, text=True, timeout=600
     )

@@ -93,9 +93,9 @@ def defines_own_cxx_runtime(path: str) -> bool:
     """Whether the loaded shared library at ``path`` defines ``__cxa_throw`` itself: it carries a
     private copy of libstdc++, linked statically (by a compiler built without shared runtime
     libraries, say). torch's exceptions then unwind through frames of another C++ runtime, and
-    strings cross between the two: seen on an H200 machine as segfaults on every op error, and here,
-    with ``-static-libstdc++``, as error messages and op results cut short. False where ``dladdr``
-    is missing (not glibc)."""
+    strings cross between the two: with ``-static-libstdc++`` error messages and op results come
+    out cut short, and the likely cause of the segfault on every op error seen on an H200 machine.
+    False where ``dladdr`` is missing (not glibc)."""
     try:
         lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         throw = ctypes.cast(lib["__cxa_throw"], ctypes.c_void_p).value
