@@ -42,9 +42,11 @@ BACKENDS = {
     "extension": extension,
 }
 
-# Automatic choice, fastest first. Each device type ends with the always-available "torch".
+# Automatic choice, fastest first. Each device type ends with the always-available "torch". On the
+# H200 (2026-11-30, fp16) the extension beat our Triton kernels everywhere: resnet50 7.88 vs 13.58 ms
+# at batch 256, 0.38 vs 0.66 ms at batch 1 under a CUDA graph; resnet18 3.71 vs 6.02 ms at batch 256.
 _PREFERENCE = {
-    "cuda": ("triton", "extension", "torch"),
+    "cuda": ("extension", "triton", "torch"),
     "cpu": ("extension", "onednn", "torch"),
 }
 

@@ -196,6 +196,22 @@ def test_automatic_choice_warns_once_when_falling_back(monkeypatch):
         ops._resolve.cache_clear()
 
 
+def test_automatic_choice_on_cuda_prefers_the_extension_then_triton(monkeypatch):
+    """The order the H200 measured (extension fastest); a CUDA machine is pretended, so this runs anywhere."""
+    monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    for name in ("extension", "triton", "torch"):
+        monkeypatch.setattr(ops.BACKENDS[name], "unavailable_reason", lambda device_type, dtype: None)
+    ops._resolve.cache_clear()
+    try:
+        assert ops.resolve_backend(None, "cuda", torch.float16) == "extension"
+        monkeypatch.setattr(ops.BACKENDS["extension"], "unavailable_reason", lambda device_type, dtype: "not built")
+        ops._resolve.cache_clear()
+        with pytest.warns(ops.BackendFallbackWarning, match="falls back to 'triton'.*'extension' unavailable: not built"):
+            assert ops.resolve_backend(None, "cuda", torch.float16) == "triton"
+    finally:
+        ops._resolve.cache_clear()
+
+
 @pytest.mark.skipif("onednn" not in CPU_BACKENDS, reason="oneDNN backend unavailable here")
 def test_onednn_packed_weights_follow_the_weight():
     """The onednn backend caches reordered weights per weight: an in-place write and a

@@ -92,10 +92,10 @@ def test_pointwise_resnet_shapes(dtype):
     assert torch.equal(ops.bias_act(x, bias, relu=False, backend="triton"), x + bias.view(1, -1, 1, 1))
 
 
-def test_automatic_choice_on_cuda_is_triton(monkeypatch):
+def test_automatic_choice_on_cuda_is_the_extension(monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     for dtype in DTYPES:
-        assert ops.resolve_backend(None, "cuda", dtype) == "triton"
+        assert ops.resolve_backend(None, "cuda", dtype) == "extension"
 
 
 @pytest.fixture
