@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of resnet-fused on a machine with an NVIDIA GPU and no internet, run from a copy
-# of the repository (nothing is installed, nothing downloaded), sized to finish in 6 minutes on an
-# H100/H200 with 16 cores:
+# of the repository (nothing is installed, nothing downloaded), sized to finish in 7 minutes on an
+# H100/H200 with 16 cores (the last stages as time allows; give the device tool's run ~480 s):
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else ./gpu_results
 #
@@ -20,18 +20,21 @@
 #   5. as time allows: the CPU kernels' tests on this machine's own CPU (its ISA printed), verify of
 #      resnet50/resnet18 in every dtype (one config per shape), bench of resnet18 fp16 b256, and
 #      resnet50's convs one by one at b256 (benchmarks/bench_ops.py: each fused op per backend against
-#      eager's conv -> BN (-> add) -> ReLU), the table that says which layers to work on;
+#      eager's conv -> BN (-> add) -> ReLU), the table that says which layers to work on, and
+#      resnet50/resnet18 fp32 batch 1 on two pinned cores of this machine's CPU against
+#      torch.compile and the peers installed (benchmarks/interleaved.py): a GPU machine's CPU is
+#      often an AVX-512 Xeon, which the development machines are not;
 #   6. results.md and speedup.png rendered from the JSONs; a summary with the H100/H200 targets.
 # GPU_CHECK_SKIP="KEY ..." leaves stages out (a rerun that needs no new numbers from them); the keys:
-# bench50_b256 bench50_b1 gpu_tests cpu_tests verify bench18 ops50.
+# bench50_b256 bench50_b1 gpu_tests cpu_tests verify bench18 ops50 cpu_bench.
 # Every stage has a timeout inside the overall budget (GPU_CHECK_BUDGET_S, default 420 s). A stage
 # that the budget leaves no time for says "not run: out of time", one cut short says so too: neither
 # fails the check. Exit status 1 only on a real failure (a failed build, compile, test) or a
 # numerical mismatch; missed performance targets are reported, not failed.
 #
-# OUT_DIR receives: gpu_check.log (everything printed), gpu_check.json (the plan and each stage's
-# result and seconds), warmup.json (the compile report), bench_*.json (resnet-fused bench),
-# results.md and speedup.png.
+# OUT_DIR receives at most 8 files (what the device tool brings back): gpu_check.log (everything
+# printed, the warm-up's compile report included), gpu_check.json (the plan and each stage's result
+# and seconds), bench_*.json (resnet-fused bench), results.md, speedup.png and cpu_interleaved.md.
 #
 # Without a CUDA device (or with GPU_CHECK_DRY_RUN=1) the script rehearses itself: it prints the
 # plan with the GPU run's compile count and estimated seconds per stage, then runs every stage at a
@@ -46,7 +49,7 @@ mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 REPO=$(pwd)
 LOG=$OUT_DIR/gpu_check.log
-OUTPUTS=(gpu_check.log gpu_check.json warmup.json results.md speedup.png
+OUTPUTS=(gpu_check.log gpu_check.json results.md speedup.png cpu_interleaved.md
          bench_resnet50_{fp16,fp32}_b256.json bench_resnet50_{fp16,fp32}_b1.json bench_resnet18_{fp16,fp32}_b256.json)
 for name in "${OUTPUTS[@]}"; do rm -f "${OUT_DIR:?}/$name"; done  # a rerun must not render stale results
 exec > >(tee "$LOG") 2>&1
@@ -117,6 +120,7 @@ PLAN=(
   "verify resnet50 resnet18 fp32 fp16 bf16|45"
   "bench resnet18 fp16 b256|35"
   "ops of resnet50 fp16 b256 one by one|60"
+  "CPU bench on 2 cores of this machine|150"
   "render|5"
 )
 estimate_of() { local row; for row in "${PLAN[@]}"; do [ "${row%%|*}" = "$1" ] && { echo "${row##*|}"; return; }; done; echo "-"; }
@@ -292,7 +296,7 @@ warm_up() {
   local plan=()
   [ "$MODE" = rehearsal ] && plan=(--plan)
   "$PY" benchmarks/sm90_compile_check.py "${plan[@]}" --use-cache --no-pointwise --models resnet50 --dtypes fp16 --batches 256 1 \
-    --arch "$ARCH" --sm-count "$SMS" --jobs "$WARM_JOBS" --json "$OUT_DIR/warmup.json"
+    --arch "$ARCH" --sm-count "$SMS" --jobs "$WARM_JOBS" --json "$WORK/warmup.json"
 }
 
 build_and_warm_up() {
@@ -400,6 +404,14 @@ ops_bench() {  # JSON: benchmarks/bench_ops.py over resnet50's distinct convs, w
     --bench-min-time 0.2 --benchmark-json "$1"
 }
 
+cpu_bench() {  # DIR: interleaved.py at batch 1 on cores 0 and 1, its table copied to OUT_DIR
+  local pin=()
+  command -v taskset >/dev/null && pin=(taskset -c 0,1)
+  OMP_NUM_THREADS=2 "${pin[@]}" "$PY" benchmarks/interleaved.py --models resnet50,resnet18 --batch 1 \
+    --rounds "$CPU_ROUNDS" --runs 1 --size "$SIZE" --out "$1" || return 1
+  cp "$1/interleaved.md" "$OUT_DIR/cpu_interleaved.md"
+}
+
 # ---- sizes ------------------------------------------------------------------------------------
 if [ "$MODE" = full ]; then
   DTYPE=fp16; SIZE=224; BIG=256; SMALL=1
@@ -407,18 +419,18 @@ if [ "$MODE" = full ]; then
   BENCH_SMALL=(--compile --cuda-graph --repeat 30)
   VERIFY=(resnet50 resnet18 --dtype fp32 fp16 bf16)
   export MAX_JOBS=${MAX_JOBS:-8}  # the extension's 8 sources, beside the warm-up's compiles
-  WARM_JOBS=$CORES; TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-12}
+  WARM_JOBS=$CORES; TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-12}; CPU_ROUNDS=5
 else
   DTYPE=$([ "$DEVICE" = cuda ] && echo fp16 || echo fp32); SIZE=32; BIG=2; SMALL=1
   BENCH_BIG=(--repeat 2 --warmup 1)
   BENCH_SMALL=(--compile --cuda-graph --repeat 2 --warmup 1)
   VERIFY=(resnet18 --size 32 --dtype "$DTYPE")
   export MAX_JOBS=${MAX_JOBS:-$CORES}
-  WARM_JOBS=$PLAN_CORES; TEST_WORKERS=$CORES
+  WARM_JOBS=$PLAN_CORES; TEST_WORKERS=$CORES; CPU_ROUNDS=2
 fi
-export PY REPO DEVICE OUT_DIR MODE CC_MAJOR CC_MINOR ARCH SMS WARM_JOBS TEST_WORKERS DTYPE SIZE WORK
+export PY REPO DEVICE OUT_DIR MODE CC_MAJOR CC_MINOR ARCH SMS WARM_JOBS TEST_WORKERS CPU_ROUNDS DTYPE SIZE WORK
 export -f environment importable cuda_home build load_error probe_build_info warm_up build_and_warm_up our_cubins bench gpu_tests \
-  verify cpu_tests ops_bench
+  verify cpu_tests ops_bench cpu_bench
 
 if [ "${GPU_CHECK_PLAN_ONLY:-0}" = 1 ]; then
   "$PY" benchmarks/sm90_compile_check.py --plan --no-pointwise --models resnet50 --dtypes fp16 --batches 256 1 \
@@ -455,6 +467,8 @@ skipped bench18 "$NAME" || stage "$NAME" 90 bench "bench_resnet18_${DTYPE}_b256.
 # Its JSON stays in WORK (at most 8 files come back from the GPU machine): results.md carries its table.
 NAME="ops of resnet50 fp16 b256 one by one"
 skipped ops50 "$NAME" || stage "$NAME" 90 ops_bench "$WORK/ops.json"
+NAME="CPU bench on 2 cores of this machine"
+skipped cpu_bench "$NAME" || stage "$NAME" 240 cpu_bench "$WORK/cpu"
 
 jsons=()
 for name in "bench_resnet50_${DTYPE}_b256.json" "bench_resnet50_${DTYPE}_b1.json" "bench_resnet18_${DTYPE}_b256.json"; do
@@ -487,8 +501,8 @@ for row in "${STAGES[@]}"; do
   printf '| %-50s | %-40s | %7s | %8s |\n' "$name" "$result" "$took" "$est"
 done
 [ -n "$RENDERED" ] && printf '\n%s\n' "$RENDERED"
-if [ -s "$OUT_DIR/warmup.json" ]; then
-  "$PY" - "$OUT_DIR/warmup.json" <<'PYTHON'
+if [ -s "$WORK/warmup.json" ]; then
+  "$PY" - "$WORK/warmup.json" <<'PYTHON'
 import json, sys
 report = json.load(open(sys.argv[1]))
 n = len(report["kernels"])
