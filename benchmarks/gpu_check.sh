@@ -13,8 +13,9 @@
 #      cache the runs below read (benchmarks/sm90_compile_check.py --use-cache), so no timing stage
 #      waits on a compiler;
 #   3. `resnet-fused bench` of resnet50 fp16 at batch 256 (eager, channels_last, torch.compile, fused
-#      backends), then batch 1 (the same plus CUDA-graph replay); each fused result is judged against
-#      float64 like `verify` does;
+#      backends), the extension again with cuDNN's engine configs timed (RESNET_FUSED_CUDNN_PLANS=8),
+#      then batch 1 (the same plus CUDA-graph replay); each fused result is judged against float64
+#      like `verify` does;
 #   4. the GPU tests (pytest -m gpu), in parallel across cores with pytest-xdist, with one config
 #      per shape (RESNET_FUSED_AUTOTUNE=0) except in the tests of autotuning itself;
 #   5. as time allows: the CPU kernels' tests on this machine's own CPU (its ISA printed), verify of
@@ -26,7 +27,7 @@
 #      often an AVX-512 Xeon, which the development machines are not;
 #   6. results.md and speedup.png rendered from the JSONs; a summary with the H100/H200 targets.
 # GPU_CHECK_SKIP="KEY ..." leaves stages out (a rerun that needs no new numbers from them); the keys:
-# bench50_b256 bench50_b1 gpu_tests cpu_tests verify bench18 ops50 cpu_bench.
+# bench50_b256 plans8 bench50_b1 gpu_tests cpu_tests verify bench18 ops50 cpu_bench.
 # Every stage has a timeout inside the overall budget (GPU_CHECK_BUDGET_S, default 420 s). A stage
 # that the budget leaves no time for says "not run: out of time", one cut short says so too: neither
 # fails the check. Exit status 1 only on a real failure (a failed build, compile, test) or a
@@ -114,6 +115,7 @@ PLAN=(
   "import without install|1"
   "build extension + Triton warm-up (parallel)|35"
   "bench resnet50 fp16 b256 (eager, compile, fused)|45"
+  "bench resnet50 fp16 b256, cuDNN plans timed|25"
   "bench resnet50 fp16 b1 (+ CUDA graphs)|40"
   "GPU tests (pytest -m gpu, xdist)|140"
   "CPU tests on this machine's CPU (xdist)|40"
@@ -323,8 +325,9 @@ our_cubins() {
     -o -name 'bias_residual_act_kernel.cubin' \) 2>/dev/null | wc -l
 }
 
-bench() {  # bench JSON MODEL BATCH EXTRA_ARGS...: resnet-fused bench, JSON to OUT_DIR, each fused result judged
-  local json=$OUT_DIR/$1 model=$2 batch=$3 before
+bench() {  # bench JSON MODEL BATCH EXTRA_ARGS...: resnet-fused bench, JSON to OUT_DIR (or an absolute path), each fused result judged
+  local json=$1 model=$2 batch=$3 before
+  [[ "$json" == /* ]] || json=$OUT_DIR/$json
   shift 3
   before=$(our_cubins)
   "$PY" -m resnet_fused bench --device "$DEVICE" --model "$model" --dtype "$DTYPE" --batch "$batch" \
@@ -454,6 +457,11 @@ stage "build extension + Triton warm-up (parallel)" 240 build_and_warm_up
 # A rehearsal's JSONs carry the GPU run's names (its batch sizes are smaller), so every later step reads the same files.
 NAME="bench resnet50 fp16 b256 (eager, compile, fused)"
 skipped bench50_b256 "$NAME" || stage "$NAME" 200 bench "bench_resnet50_${DTYPE}_b256.json" resnet50 "$BIG" "${BENCH_BIG[@]}"
+# The extension with cuDNN's first 8 engine configs timed per fused graph instead of its first one
+# (RESNET_FUSED_CUDNN_PLANS), in a new process: its row against the same eager rows.
+NAME="bench resnet50 fp16 b256, cuDNN plans timed"
+skipped plans8 "$NAME" || stage "$NAME" 90 env RESNET_FUSED_CUDNN_PLANS=8 bash -c 'bench "$@"' bench \
+  "$WORK/plans8.json" resnet50 "$BIG" --backend extension --repeat 10
 NAME="bench resnet50 fp16 b1 (+ CUDA graphs)"
 skipped bench50_b1 "$NAME" || stage "$NAME" 150 bench "bench_resnet50_${DTYPE}_b1.json" resnet50 "$SMALL" "${BENCH_SMALL[@]}"
 NAME="GPU tests (pytest -m gpu, xdist)"

@@ -250,6 +250,53 @@ def test_cudnn_fused_switch(dtype, flags, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("plans", ["4", "64"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_cudnn_plans_timed_keep_the_result(dtype, plans, monkeypatch):
+    """RESNET_FUSED_CUDNN_PLANS=N builds up to N of cuDNN's engine configs and times them on the first
+    call; whichever wins, the one fused call computes the conv, then and on later calls."""
+    x, weight, bias, kwargs = resnet_like_case(dtype, "bias_res_relu", seed=3)
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "1")
+    monkeypatch.setenv(extension.CUDNN_PLANS_ENV, plans)
+    for _ in range(2):
+        assert FUSED_GRAPH in ops_called(lambda: call_conv(x, weight, bias, kwargs))
+        check_conv(x, weight, bias, kwargs, factor=3.0)
+
+
+@gpu
+@pytest.mark.parametrize("value", ["0", "65", "many", "2.5"])
+def test_cudnn_plans_bad_value_raises(value, monkeypatch):
+    x, weight, bias, kwargs = resnet_like_case(torch.float16, "bias_relu")
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "1")
+    monkeypatch.setenv(extension.CUDNN_PLANS_ENV, value)
+    with pytest.raises(RuntimeError, match="RESNET_FUSED_CUDNN_PLANS must be a whole number from 1 to 64"):
+        call_conv(x, weight, bias, kwargs)
+
+
+@gpu
+def test_cudnn_plans_first_built_during_capture(monkeypatch):
+    """A signature first seen during CUDA graph capture runs cuDNN's first plan untimed (timing
+    synchronises, illegal there); the replay computes the conv, and a later eager call times."""
+    monkeypatch.setenv(extension.CUDNN_FUSED_ENV, "1")
+    monkeypatch.setenv(extension.CUDNN_PLANS_ENV, "8")
+    x, weight, bias, kwargs = resnet_like_case(torch.float16, "bias_relu", seed=4)
+    x = x[:1].clone()  # a signature no other test built
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        F.conv2d(x, weight)  # cuDNN's handle for this stream exists before capture, as after any warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = call_conv(x, weight, bias, kwargs)
+    x.copy_(torch.randn_like(x))  # fresh input: the replay must read it
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = reference(x, weight, bias, kwargs)
+    assert_within_eager_error(captured, eager_chain(x, weight, bias, kwargs), ref, factor=3.0)
+    check_conv(x, weight, bias, kwargs, factor=3.0)
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_auto_times_once_then_keeps_its_choice(dtype, monkeypatch, no_tf32):
     """auto: the first call of a signature runs both paths (timing them), every later call only the

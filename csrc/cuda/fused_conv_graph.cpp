@@ -11,6 +11,9 @@
 // reports the graph unavailable and the caller takes convolution + epilogue.
 
 #include "fused_conv_graph.h"
+#include "timing_cuda.h"
+
+#include <cstdlib>
 
 #if __has_include(<cudnn.h>)
 #define RESNET_FUSED_HAS_CUDNN 1
@@ -21,12 +24,15 @@
 #include <ATen/cudnn/Handle.h>
 #include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/util/hash.h>
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <unordered_map>
 #include <utility>
@@ -121,6 +127,7 @@ constexpr auto kPlanHandle = CUDNN_ATTR_EXECUTION_PLAN_HANDLE;
 
 enum Uid : int64_t { kX = 1, kW, kBias, kResidual, kY, kConvOut, kAfterBias, kAfterResidual };
 
+
 int64_t alignment(const at::Tensor& t) {
   const auto address = reinterpret_cast<std::uintptr_t>(t.const_data_ptr());
   int64_t align = 1;
@@ -201,12 +208,16 @@ bool acceptable(const Desc& config, at::ScalarType dtype, bool allow_tf32) {
   return true;
 }
 
-// A finalized plan and every descriptor it was built from (a plan refers to its graph's).
+// The execution plans built for one graph, in cuDNN's heuristic order, with their workspace sizes,
+// and every descriptor they were built from (a plan refers to its graph's). `chosen` is the one
+// run: the first until the candidates are timed (never during CUDA graph capture).
 struct Plan {
   std::vector<DescPtr> keep;
-  Desc* plan = nullptr;
-  int64_t workspace = 0;
+  std::vector<std::pair<Desc*, int64_t>> candidates;
+  size_t chosen = 0;
+  bool timed = false;
 };
+
 
 std::unique_ptr<Plan> build_plan(
     cudnnHandle_t handle,
@@ -219,7 +230,8 @@ std::unique_ptr<Plan> build_plan(
     bool relu,
     bool allow_tf32,
     const at::Tensor& out,
-    c10::MemoryFormat format) {
+    c10::MemoryFormat format,
+    int64_t max_plans) {
   auto plan = std::make_unique<Plan>();
   auto keep = [&](DescPtr d) -> Desc& {
     plan->keep.push_back(std::move(d));
@@ -312,10 +324,13 @@ std::unique_ptr<Plan> build_plan(
       .set(kGraphHandle, CUDNN_TYPE_HANDLE, &handle);
   graph.finalize("operation graph");
 
-  // Heuristic mode A first (cuDNN's ranking), then the fallback list; the first acceptable
-  // engine config that finalizes into a plan is kept.
+  // Heuristic mode A first (cuDNN's ranking), then, only if that gave none, the fallback list; the
+  // first `max_plans` acceptable engine configs that finalize into a plan are kept.
   std::string last_error;
   for (const cudnnBackendHeurMode_t heur_mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
+    if (!plan->candidates.empty()) {
+      break;
+    }
     Desc heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
     heur.set_desc(CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph)
         .set(CUDNN_ATTR_ENGINEHEUR_MODE, CUDNN_TYPE_HEUR_MODE, &heur_mode);
@@ -340,7 +355,7 @@ std::unique_ptr<Plan> build_plan(
     if (count == 0 && last_error.empty()) {
       last_error = "cuDNN's heuristics offered no engine";
     }
-    for (int64_t i = 0; i < count; ++i) {
+    for (int64_t i = 0; i < count && static_cast<int64_t>(plan->candidates.size()) < max_plans; ++i) {
       try {
         if (!acceptable(*configs[i], x.scalar_type(), allow_tf32)) {
           if (last_error.empty()) {
@@ -353,16 +368,19 @@ std::unique_ptr<Plan> build_plan(
             .set(kPlanHandle, CUDNN_TYPE_HANDLE, &handle);
         candidate->finalize("execution plan");
         int64_t got = 0;
+        int64_t workspace = 0;
         check(api().get(candidate->get(), CUDNN_ATTR_EXECUTION_PLAN_WORKSPACE_SIZE, CUDNN_TYPE_INT64, 1, &got,
-                        &plan->workspace),
+                        &workspace),
               "workspace size");
-        plan->plan = &keep(std::move(candidate));
+        plan->candidates.emplace_back(&keep(std::move(candidate)), workspace);
         plan->keep.push_back(std::move(configs[i]));
-        return plan;
       } catch (const CudnnGraphError& e) {
         last_error = e.what();
       }
     }
+  }
+  if (!plan->candidates.empty()) {
+    return plan;
   }
   throw CudnnGraphError("cuDNN graph: no engine runs conv" + std::string(bias ? " + bias" : "") +
                         (residual ? " + residual" : "") + (relu ? " + ReLU" : "") + " for x " +
@@ -415,7 +433,8 @@ at::Tensor cudnn_conv_bias_act_graph(
     const std::optional<at::Tensor>& residual_in,
     bool relu,
     bool allow_tf32,
-    c10::MemoryFormat format) {
+    c10::MemoryFormat format,
+    int64_t max_plans) {
   if (!api().unavailable.empty()) {
     throw CudnnGraphError("cuDNN graph unavailable: " + api().unavailable);
   }
@@ -438,16 +457,17 @@ at::Tensor cudnn_conv_bias_act_graph(
   const cudnnHandle_t handle = at::native::getCudnnHandle();  // bound to the current stream
   // Never destroyed: destroying cuDNN descriptors at process exit can run after CUDA's teardown.
   thread_local auto* plans = new std::unordered_map<PlanKey, std::unique_ptr<Plan>, PlanKeyHash>();
-  const PlanKey key = plan_key(x, weight, bias, stride, padding, residual, relu, allow_tf32, out, format);
+  // The number of plans asked for is part of the key: a changed setting builds (and times) anew.
+  PlanKey key = plan_key(x, weight, bias, stride, padding, residual, relu, allow_tf32, out, format);
+  key.push_back(max_plans);
   auto found = plans->find(key);
   if (found == plans->end()) {
     found = plans->emplace(key, build_plan(handle, x, weight, bias, stride, padding, residual, relu, allow_tf32, out,
-                                          format))
+                                          format, max_plans))
                 .first;
   }
-  const Plan& plan = *found->second;
+  Plan& plan = *found->second;
 
-  const at::Tensor workspace = at::empty({plan.workspace}, x.options().dtype(at::kByte));
   std::vector<int64_t> uids{kX, kW, kY};
   std::vector<void*> pointers{const_cast<void*>(x.const_data_ptr()), const_cast<void*>(weight.const_data_ptr()),
                               out.data_ptr()};
@@ -459,14 +479,46 @@ at::Tensor cudnn_conv_bias_act_graph(
     uids.push_back(kResidual);
     pointers.push_back(const_cast<void*>(residual->const_data_ptr()));
   }
-  void* workspace_ptr = plan.workspace > 0 ? workspace.data_ptr() : nullptr;
-  Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
-  pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, uids.data(), static_cast<int64_t>(uids.size()))
-      .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, pointers.data(),
-           static_cast<int64_t>(pointers.size()))
-      .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, &workspace_ptr);
-  pack.finalize("variant pack");
-  check(api().execute(handle, plan.plan->get(), pack.get()), "execute");
+  auto run = [&](size_t candidate, const at::Tensor& workspace) {
+    void* workspace_ptr = plan.candidates[candidate].second > 0 ? workspace.data_ptr() : nullptr;
+    Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
+    pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, uids.data(), static_cast<int64_t>(uids.size()))
+        .set(CUDNN_ATTR_VARIANT_PACK_DATA_POINTERS, CUDNN_TYPE_VOID_PTR, pointers.data(),
+             static_cast<int64_t>(pointers.size()))
+        .set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, &workspace_ptr);
+    pack.finalize("variant pack");
+    check(api().execute(handle, plan.candidates[candidate].first->get(), pack.get()), "execute");
+  };
+  if (!plan.timed && plan.candidates.size() > 1 &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    int64_t most = 0;
+    for (const auto& candidate : plan.candidates) {
+      most = std::max(most, candidate.second);
+    }
+    const at::Tensor workspace = at::empty({most}, x.options().dtype(at::kByte));
+    // A plan that finalized can still fail to run; the others are timed without it.
+    std::vector<size_t> runnable;
+    std::string failure;
+    for (size_t i = 0; i < plan.candidates.size(); ++i) {
+      try {
+        run(i, workspace);
+        runnable.push_back(i);
+      } catch (const CudnnGraphError& e) {
+        failure = e.what();
+      }
+    }
+    if (runnable.empty()) {
+      throw CudnnGraphError(failure);
+    }
+    std::vector<std::function<void()>> fns;
+    for (const size_t i : runnable) {
+      fns.emplace_back([&, i] { run(i, workspace); });
+    }
+    const std::vector<float> ms = time_each(fns);
+    plan.chosen = runnable[static_cast<size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin())];
+    plan.timed = true;
+  }
+  run(plan.chosen, at::empty({plan.candidates[plan.chosen].second}, x.options().dtype(at::kByte)));
   return out;
 }
 
@@ -492,10 +544,29 @@ at::Tensor cudnn_conv_bias_act_graph(
     const std::optional<at::Tensor>&,
     bool,
     bool,
-    c10::MemoryFormat) {
+    c10::MemoryFormat,
+    int64_t) {
   throw CudnnGraphError("cuDNN graph unavailable: " + cudnn_graph_unavailable());
 }
 
 }  // namespace resnet_fused
 
 #endif
+
+// Read where the graph is used and where it is not built alike, so a bad value fails the same way.
+namespace resnet_fused {
+
+int64_t cudnn_plans_setting() {
+  constexpr const char* kEnv = "RESNET_FUSED_CUDNN_PLANS";
+  const char* value = std::getenv(kEnv);
+  if (value == nullptr || value[0] == '\0') {
+    return 1;
+  }
+  char* end = nullptr;
+  const long parsed = std::strtol(value, &end, 10);
+  TORCH_CHECK(*end == '\0' && parsed >= 1 && parsed <= 64, "resnet_fused: ", kEnv,
+              " must be a whole number from 1 to 64, got '", value, "'");
+  return parsed;
+}
+
+}  // namespace resnet_fused

@@ -21,10 +21,16 @@ class CudnnGraphError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// RESNET_FUSED_CUDNN_PLANS (read on every call; a bad value raises): how many of cuDNN's engine
+// configs for a graph are built and timed on its first call. 1, the default, runs the first
+// acceptable config of heuristic mode A untimed.
+int64_t cudnn_plans_setting();
+
 // relu?(conv(x, weight) + bias + residual) in `format`; at least one of bias, residual and relu is
 // present. x, weight and residual are made dense in `format` first. Plans are built once per
-// shape, dtype, layout and alignment and kept; the cuDNN handle and the stream are torch's current
-// ones, so the call is capturable in a CUDA graph once its plan exists.
+// shape, dtype, layout, alignment and `max_plans` and kept; with `max_plans` > 1 the plans built
+// are timed on the first call outside CUDA graph capture and the fastest is kept. The cuDNN handle
+// and the stream are torch's current ones, so the call is capturable once its plan exists.
 at::Tensor cudnn_conv_bias_act_graph(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -34,6 +40,7 @@ at::Tensor cudnn_conv_bias_act_graph(
     const std::optional<at::Tensor>& residual,
     bool relu,
     bool allow_tf32,
-    c10::MemoryFormat format);
+    c10::MemoryFormat format,
+    int64_t max_plans);
 
 }  // namespace resnet_fused

@@ -5,13 +5,13 @@
 #include "../common.h"
 #include "fused_conv_graph.h"
 #include "epilogue_cuda.h"
+#include "timing_cuda.h"
 
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/cudnn_convolution_add_relu.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,8 +21,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
-#include <functional>
-#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -159,56 +157,6 @@ FusedChoices& fused_choices() {
 
 // A timing event (ATen's CUDAEvent header needs the cuSPARSE/cuBLAS headers, which a minimal CUDA
 // toolkit lacks).
-class TimingEvent {
- public:
-  TimingEvent() {
-    C10_CUDA_CHECK(cudaEventCreate(&event_));
-  }
-  ~TimingEvent() {
-    cudaEventDestroy(event_);
-  }
-  TimingEvent(const TimingEvent&) = delete;
-  TimingEvent& operator=(const TimingEvent&) = delete;
-  void record(cudaStream_t stream) {
-    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
-  }
-  float ms_since(const TimingEvent& start) const {
-    C10_CUDA_CHECK(cudaEventSynchronize(event_));
-    float ms = 0;
-    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
-    return ms;
-  }
-
- private:
-  cudaEvent_t event_ = nullptr;
-};
-
-// Milliseconds per call, the best of a few rounds that alternate between the two paths so that a
-// clock change hits both; every round synchronises, so never during capture.
-std::pair<float, float> time_paths(const std::function<void()>& first, const std::function<void()>& second) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto time_once = [&](const std::function<void()>& fn) {
-    constexpr int kCalls = 2;
-    TimingEvent start;
-    TimingEvent end;
-    start.record(stream);
-    for (int i = 0; i < kCalls; ++i) {
-      fn();
-    }
-    end.record(stream);
-    return end.ms_since(start) / kCalls;
-  };
-  first();  // warm-up: plan building, cuDNN's own algorithm search
-  second();
-  float best_first = std::numeric_limits<float>::infinity();
-  float best_second = best_first;
-  for (int round = 0; round < 5; ++round) {
-    best_first = std::min(best_first, time_once(first));
-    best_second = std::min(best_second, time_once(second));
-  }
-  return {best_first, best_second};
-}
-
 at::Tensor conv_then_epilogue(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -236,9 +184,11 @@ at::Tensor cudnn_fused(
     int64_t groups,
     const std::optional<at::Tensor>& residual,
     bool relu,
-    c10::MemoryFormat format) {
+    c10::MemoryFormat format,
+    int64_t max_plans) {
   if (cudnn_graph_unavailable().empty()) {
-    return cudnn_conv_bias_act_graph(x, weight, bias, stride, padding, residual, relu, allow_tf32_conv(), format);
+    return cudnn_conv_bias_act_graph(x, weight, bias, stride, padding, residual, relu, allow_tf32_conv(), format,
+                                     max_plans);
   }
   return at::cudnn_convolution_add_relu(x, weight, *residual, at::Scalar(1.0), bias, stride, padding, {1, 1}, groups)
       .contiguous(format);
@@ -265,7 +215,8 @@ at::Tensor conv_bias_act_cuda(
   if (fused_switch == 0 || !cudnn_fused_applies(x, bias.has_value(), residual.has_value(), relu)) {
     return unfused();
   }
-  auto fused = [&] { return cudnn_fused(x, weight, bias, stride, padding, groups, residual, relu, format); };
+  const int64_t max_plans = cudnn_plans_setting();  // outside the try below: a bad value raises
+  auto fused = [&] { return cudnn_fused(x, weight, bias, stride, padding, groups, residual, relu, format, max_plans); };
   const ChoiceKey key = choice_key(x, weight, bias, stride, padding, groups, residual, relu, format);
   const Fused known = fused_choices().get(key);
   if (known == Fused::kFailed) {
@@ -277,8 +228,8 @@ at::Tensor conv_bias_act_cuda(
       if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
         take_fused = cudnn_fused_preferred(x, weight, groups, format);  // untimed, not remembered
       } else {
-        const auto [fused_ms, unfused_ms] = time_paths([&] { fused(); }, [&] { unfused(); });
-        take_fused = fused_ms <= unfused_ms;
+        const std::vector<float> ms = time_each({[&] { fused(); }, [&] { unfused(); }});
+        take_fused = ms[0] <= ms[1];
         fused_choices().set(key, take_fused ? Fused::kFaster : Fused::kSlower);
       }
     }

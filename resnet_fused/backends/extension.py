@@ -16,6 +16,11 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   channels_last convs with channel counts divisible by 8. A signature cuDNN builds no fused graph
   for warns once and runs convolution + epilogue from then on. ``build_info()["cudnn_graph"]``
   says whether the graphs are available (``cudnn_graph_reason``: why not).
+- ``RESNET_FUSED_CUDNN_PLANS`` (CUDA): how many of cuDNN's engine configs for a fused graph are
+  built and timed on the first call of its signature outside CUDA graph capture, the fastest kept
+  (1 to 64; unset or 1: the first acceptable config of cuDNN's heuristic ranking, untimed, as
+  before; a bad value raises). Not yet measured on a GPU; ``benchmarks/gpu_check.sh`` compares 8
+  with 1.
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
 - ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) and
@@ -72,6 +77,7 @@ from .. import _shapes
 
 NAME = "extension"
 CUDNN_FUSED_ENV = "RESNET_FUSED_CUDNN_FUSED"
+CUDNN_PLANS_ENV = "RESNET_FUSED_CUDNN_PLANS"
 ONEDNN_FUSED_ENV = "RESNET_FUSED_ONEDNN_FUSED"
 AVX2_CONV_ENV = "RESNET_FUSED_AVX2_CONV"
 WINOGRAD_TILE_ENV = "RESNET_FUSED_WINOGRAD_TILE"
