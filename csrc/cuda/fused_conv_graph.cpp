@@ -127,7 +127,6 @@ constexpr auto kPlanHandle = CUDNN_ATTR_EXECUTION_PLAN_HANDLE;
 
 enum Uid : int64_t { kX = 1, kW, kBias, kResidual, kY, kConvOut, kAfterBias, kAfterResidual };
 
-
 int64_t alignment(const at::Tensor& t) {
   const auto address = reinterpret_cast<std::uintptr_t>(t.const_data_ptr());
   int64_t align = 1;
@@ -217,7 +216,6 @@ struct Plan {
   size_t chosen = 0;
   bool timed = false;
 };
-
 
 std::unique_ptr<Plan> build_plan(
     cudnnHandle_t handle,
