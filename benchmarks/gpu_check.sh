@@ -247,20 +247,20 @@ build() {
   local cc=${CC:-cc} cxx=${CXX:-c++}
   echo "build: CC=$cc ($("$cc" --version 2>&1 | head -1)), CXX=$cxx ($("$cxx" --version 2>&1 | head -1))"
   "$PY" setup.py -q build_ext --inplace || return 1
+  local problem
+  problem=$(load_error)
   # A compiler that links libstdc++ statically makes a library whose op errors crash the process
   # (the first H200 run's CC/CXX=/opt/gcc did): the system's compilers, where they differ, build it again.
-  if [[ "$(load_error)" == *"own copy of the C++ runtime"* ]] && [ -x /usr/bin/cc ] && [ -x /usr/bin/c++ ] \
+  if [[ "$problem" == *"own copy of the C++ runtime"* ]] && [ -x /usr/bin/cc ] && [ -x /usr/bin/c++ ] \
       && [ "$(readlink -f "$(command -v "$cxx")")" != "$(readlink -f /usr/bin/c++)" ]; then
     echo "build: $cxx linked its own libstdc++ into the library: again with CC=/usr/bin/cc CXX=/usr/bin/c++ ($(/usr/bin/c++ --version | head -1))"
     CC=/usr/bin/cc CXX=/usr/bin/c++ "$PY" setup.py -q build_ext --inplace --force || return 1
+    problem=$(load_error)
   fi
-  local problem
-  problem=$(load_error)
   if [ -n "$problem" ]; then
     echo "build: FAILED: the built library does not load: $problem"
     return 1
   fi
-  "$PY" -c "import torch, resnet_fused._C as C; print('build: built', C.__file__)" || return 1
   probe_build_info
 }
 
@@ -268,28 +268,18 @@ load_error() {  # why resnet_fused._C cannot be used, or nothing
   "$PY" -c "from resnet_fused.backends import extension as e; print(e.load_error() or '')"
 }
 
-# build_info() as the first call of a fresh process (the tests' fixture and the CLI's environment
-# record call it so), and, on a GPU, after CUDA and cuDNN are initialised: a crash is reported with
-# a native backtrace where cuda-gdb is found (it also debugs host code; the machine has no gdb).
+# build_info() as the first op call of a fresh process, as the CLI's environment record makes it
+# (the first H200 run crashed there): a crash is reported with a native backtrace where cuda-gdb is
+# found (it also debugs host code; the machine has no gdb).
 probe_build_info() {
-  local when code rc failed=0
-  for when in first after_cuda_init; do
-    [ "$when" = after_cuda_init ] && [ "$DEVICE" != cuda ] && continue
-    code="import torch, resnet_fused._C"
-    [ "$when" = after_cuda_init ] && code+="; torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3, device='cuda'), torch.ones(1, 1, 1, 1, device='cuda'))"
-    code+="; print('build: build_info ($when):', torch.ops.resnet_fused.build_info())"
-    "$PY" -X faulthandler -c "$code"
-    rc=$?
-    if [ "$rc" != 0 ]; then
-      failed=1
-      echo "build: build_info ($when) FAILED (exit $rc)"
-      if command -v cuda-gdb >/dev/null; then
-        timeout 120 cuda-gdb -q -batch -ex run -ex "bt 40" -ex "info sharedlibrary" --args "$PY" -c "$code" 2>&1 \
-          | grep -vE '^\[(New|Thread) ' | tail -120
-      fi
-    fi
-  done
-  return "$failed"
+  local code="import torch, resnet_fused._C as C; print('build: built', C.__file__, torch.ops.resnet_fused.build_info())"
+  "$PY" -X faulthandler -c "$code" && return 0
+  echo "build: build_info FAILED (exit $?)"
+  if command -v cuda-gdb >/dev/null; then
+    timeout 120 cuda-gdb -q -batch -ex run -ex "bt 40" -ex "info sharedlibrary" --args "$PY" -c "$code" 2>&1 \
+      | grep -vE '^\[(New|Thread) ' | tail -120
+  fi
+  return 1
 }
 
 # Triton kernels of the benchmarks' shapes, compiled across the cores into $TRITON_CACHE_DIR (a fused
