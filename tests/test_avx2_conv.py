@@ -2,8 +2,8 @@
 (csrc/cpu/winograd_cpu.cpp) and the implicit GEMM (csrc/cpu/implicit_gemm_cpu.cpp), and the
 per-shape choice between them and the direct (oneDNN) convolution.
 
-RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, groups 1, output channels a
-multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
+RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, or bf16/fp16 computed in fp32;
+groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
 kernel size, stride and padding), =0 turns them off, unset times all candidates on a shape's first
 call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant, RESNET_FUSED_GEMM_CORE=own or
 brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm through ATen),
@@ -12,15 +12,20 @@ RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its wo
 
 from __future__ import annotations
 
+import copy
 import gc
 import platform
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import resnet_fused
+from resnet_fused.accuracy import judge
 from resnet_fused.backends import extension
+from resnet_fused.reference import random_model
 from test_extension import make_4d
-from utils import assert_close, reference_conv_bias_act
+from utils import assert_close, assert_within_eager_error, reference_conv_bias_act
 
 AVX2_CONV_ENV = extension.AVX2_CONV_ENV
 WINOGRAD_TILE_ENV = extension.WINOGRAD_TILE_ENV
@@ -153,6 +158,84 @@ def test_implicit_gemm_matches_float64(shape, flags, layout, split, forced):
     assert out.is_contiguous(memory_format=expected_format)
     assert_close(out, reference(x, weight, bias, residual, relu, stride, padding))
 
+
+# bf16 and fp16 calls run the same fp32 kernels: their activations converted to fp32 on the way in,
+# the result rounded once on the way out. (shape, kernel, stride, padding): Winograd's 3x3 stride 1
+# and the implicit GEMM's 1x1, strided 3x3 and the stem.
+LOW_PRECISION_CASES = [
+    ((2, 32, 48, 9, 7), 3, 1, 1),
+    ((1, 64, 64, 13, 14), 3, 1, 1),
+    ((2, 40, 64, 5, 7), 1, 1, 0),
+    ((2, 16, 32, 9, 8), 3, 2, 1),
+    ((1, 3, 16, 17, 15), 7, 2, 3),
+]
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+def to_dtype(case, dtype):
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in case)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=[f"c{s[1]}k{s[2]}_{s[3]}x{s[4]}_{r}x{r}s{st}" for s, r, st, _ in LOW_PRECISION_CASES])
+def test_low_precision_runs_the_fp32_kernels(case, flags, dtype, tile, forced):
+    """Bit for bit the fp32 kernel's result on the same (widened) inputs, rounded once: no other
+    rounding on the way; so within the dtype's tolerance of float64, and no worse than eager."""
+    shape, kernel, stride, padding = case
+    x, weight, bias, residual, relu = to_dtype(
+        make_case(shape, flags, "channels_last", kernel=kernel, stride=stride, padding=padding), dtype)
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding))
+    out = conv(x, weight, bias, residual, relu, stride, padding)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    widened = to_dtype((x, weight, bias, residual), torch.float32)
+    torch.testing.assert_close(out, conv(*widened, relu, stride, padding).to(dtype), rtol=0, atol=0)
+    assert_close(out, reference(x, weight, bias, residual, relu, stride, padding))
+    eager = F.conv2d(x, weight, bias, stride, padding)
+    eager = eager + residual if residual is not None else eager
+    assert_within_eager_error(out, eager.relu() if relu else eager, reference(x, weight, bias, residual, relu, stride, padding))
+
+
+def test_low_precision_is_timed_apart_from_fp32(monkeypatch):
+    """A shape's choice is per dtype: bf16 pays conversions fp32 does not, and the direct
+    convolution it competes with is another kernel (oneDNN's bf16 one, or ATen's fallback)."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    case = make_case((1, 24, 32, 7, 6), (True, False, True), "channels_last", kernel=1, padding=0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight, bias, residual, relu = to_dtype(case, dtype)
+        assert_close(conv(x, weight, bias, residual, relu, 1, 0), reference(x, weight, bias, residual, relu, 1, 0))
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x24x7x6, weight 32x24x1x1, stride 1,")]
+    assert sorted(line.split(", ")[3] for line in lines) == ["BFloat16", "Float"], lines
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+def test_low_precision_skips_atens_fallback_in_the_timing(dtype, monkeypatch):
+    """Without oneDNN (switched off here; on CPUs without native bf16/fp16 it cannot run them), the
+    direct candidate would be ATen's fallback convolution, which is not timed: the shape's first
+    call, the one that times the candidates, runs no convolution op, and ours is chosen."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.setenv(extension.ONEDNN_FUSED_ENV, "0")
+    x, weight, bias, residual, relu = to_dtype(make_case((1, 16, 32, 5, 9), (True, True, True), "channels_last"), dtype)
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+    assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
+    prefix = f"x 1x16x5x9, weight 32x16x3x3, stride 1, residual, {'BFloat16' if dtype == torch.bfloat16 else 'Half'},"
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
+    assert len(lines) == 1 and lines[0].split(": ")[1].startswith("winograd_"), lines
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_low_precision_model_on_own_kernels(arch, dtype, forced):
+    model = random_model(arch, calibration_size=16)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    fused = resnet_fused.fuse(model, backend="extension", dtype=dtype)
+    with torch.inference_mode():
+        assert own_kernel_ran(lambda: fused(x.to(dtype)))
+        out = fused(x.to(dtype))
+        eager = copy.deepcopy(model).to(dtype)(x.to(dtype))
+        reference = copy.deepcopy(model).double()(x.double())
+    assert out.dtype == dtype
+    verdict = judge(out, eager, reference)
+    assert verdict.ok, verdict
 
 def test_implicit_gemm_keeps_nan(forced):
     x, weight, bias, _, _ = make_case((1, 16, 32, 3, 3), (True, False, True), "channels_last", kernel=1)

@@ -153,18 +153,22 @@ def test_conv_non_finite_like_eager(shape, flags, where, layout, bad, path):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", BAD_VALUES)
 @pytest.mark.parametrize("shape, kernel", [("3x3s1", "winograd2"), ("3x3s1", "winograd4"), ("3x3s1", "winograd4_brgemm"),
                                            ("3x3s2", "implicit_gemm"), ("stem7x7s2", "implicit_gemm")])
-def test_own_kernels_non_finite_like_eager(shape, kernel, bad, monkeypatch, nan_filled_empty_exact_fp32):
+def test_own_kernels_non_finite_like_eager(shape, kernel, bad, dtype, monkeypatch, nan_filled_empty_exact_fp32):
     """Our AVX2 kernels by name: the case runs through them (no oneDNN or ATen convolution). Winograd
     (F(2x2) and F(4x4)) would turn a lone Inf into NaNs (its transforms add and subtract a tile's
-    inputs): such calls go to the implicit GEMM, which sums like eager."""
+    inputs): such calls go to the implicit GEMM, which sums like eager. bf16 runs the same kernels
+    in fp32, converted on the way in and out."""
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     if kernel.startswith("winograd"):
         monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, kernel[len("winograd")])
         monkeypatch.setenv(extension.GEMM_CORE_ENV, "brgemm" if kernel.endswith("brgemm") else "own")
     x, weight, bias, kwargs = make_case(shape, "bias_res_relu", "channels_last")
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    kwargs["residual"] = kwargs["residual"].to(dtype)
     x = corrupt(x, BAD_VALUES[bad])
     assert own_kernel_ran(lambda: fused_conv("extension", x, weight, bias, kwargs)), f"{kernel} did not run"
     out = fused_conv("extension", x, weight, bias, kwargs)

@@ -337,7 +337,11 @@ at::Tensor conv_onednn(
 // ---- Our own AVX2 convolutions and the per-shape choice between them and the direct (oneDNN or
 // ATen) convolution: Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convs (winograd_cpu.cpp),
 // an implicit GEMM with the epilogue in its store for every other kernel size and stride
-// (implicit_gemm_cpu.cpp).
+// (implicit_gemm_cpu.cpp). They compute in fp32; a bf16 or fp16 call is converted to fp32 on the
+// way in and rounded once on the way out (conv_own). WHY: on a CPU without native bf16/fp16
+// convolutions (no AVX512-BF16, AMX or AVX512-FP16: oneDNN refuses them, ATen's fallback is
+// scalar) the direct path ran a bf16 resnet18 at 12x the fp32 time; where the CPU has them, the
+// timing weighs oneDNN's native kernels against this.
 //
 // Which is faster depends on the shape and the machine: Winograd does 2.25x (F(2x2)) or 4x (F(4x4))
 // fewer multiply-adds but reads a 16/9x or 4x larger weight and transforms every tile, so it loses
@@ -401,8 +405,9 @@ bool is_winograd(Kernel kernel) {
 // Our kernels that could compute this call, the one to use when forced first; empty if none.
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, int64_t groups) {
-  if (x.scalar_type() != at::kFloat || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
-      !avx2::cpu_has_avx2_fma()) {
+  const bool computed_in_fp32 =
+      x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (!computed_in_fp32 || groups != 1 || weight.size(0) % avx2::kPanel != 0 || !avx2::cpu_has_avx2_fma()) {
     return {};
   }
   const int64_t r = weight.size(2), s = weight.size(3);
@@ -436,7 +441,7 @@ struct Choice {
 };
 
 struct ShapeKey {
-  std::array<int64_t, 13> v;  // x sizes, K, kernel size, stride, threads, tile, GEMM core and thread split settings
+  std::array<int64_t, 14> v;  // x sizes, K, kernel size, stride, threads, tile, GEMM core and thread split settings, dtype
   bool residual;
   bool operator==(const ShapeKey& o) const {
     return v == o.v && residual == o.residual;
@@ -538,6 +543,19 @@ at::Tensor conv_own(
     bool relu,
     const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
+  if (x.scalar_type() != at::kFloat) {
+    // bf16 / fp16: activations to fp32 and back (one rounding of the result, after bias, residual
+    // and ReLU, as eager rounds its conv's fp32 sums). The weight is packed to fp32 once, cached.
+    std::optional<at::Tensor> bias32, residual32;
+    if (bias.has_value()) {
+      bias32 = bias->to(at::kFloat);
+    }
+    if (residual.has_value()) {
+      residual32 = residual->to(at::kFloat);
+    }
+    return conv_own(choice, x.to(at::kFloat), weight, bias32, stride, padding, residual32, relu, out_sizes)
+        .to(x.scalar_type());
+  }
   const at::Tensor packed = packed_weight(weight, choice.kernel);
   at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
@@ -632,7 +650,7 @@ Choice choose(
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                       stride[0], stride[1], at::get_num_threads(),
                       kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
-                      static_cast<int64_t>(split)},
+                      static_cast<int64_t>(split), static_cast<int64_t>(x.scalar_type())},
                      residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
@@ -641,10 +659,16 @@ Choice choose(
       return it->second;
     }
   }
-  // Candidate 0 is the direct convolution, then each of our kernels at each block size.
-  std::vector<Choice> options{Choice{}};
-  std::vector<std::function<void()>> candidates{
-      [&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); }};
+  // The direct convolution, then each of our kernels at each block size. The direct one is left
+  // out where it is ATen's fallback for a bf16/fp16 convolution oneDNN cannot run on this CPU: ~10x
+  // slower than ours on every ResNet layer measured, and its timed runs took a bf16 resnet50's
+  // first batch-8 call from 6 to 15 s.
+  std::vector<Choice> options;
+  std::vector<std::function<void()>> candidates;
+  if (x.scalar_type() == at::kFloat || use_onednn(x)) {
+    options.push_back(Choice{});
+    candidates.push_back([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
+  }
   auto run = [&](Choice c) {
     return [&, c] {
       conv_own(c, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
@@ -734,7 +758,8 @@ std::vector<std::string> cpu_conv_choices() {
     const auto& v = key.v;
     std::ostringstream line;
     line << "x " << v[0] << "x" << v[1] << "x" << v[2] << "x" << v[3] << ", weight " << v[4] << "x" << v[1] << "x"
-         << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", " << v[9]
+         << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", "
+         << c10::toString(static_cast<at::ScalarType>(v[13])) << ", " << v[9]
          << " threads: " << kernel_name(choice.kernel);
     if (choice.kernel != Kernel::kDirect) {
       line << " block " << choice.block << (choice.brgemm ? " brgemm" : "")

@@ -23,9 +23,11 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   with 1.
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
-- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels for fp32: Winograd F(2x2, 3x3) and
+- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels, computing in fp32: Winograd F(2x2, 3x3) and
   F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM
-  with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``).
+  with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``);
+  bf16 and fp16 calls converted to fp32 on the way in and rounded once on the way out (on a CPU
+  without native bf16 convolutions, ATen's fallback is ~10x slower).
   Unset or ``auto``: the first call of each shape times them against the direct convolution, with
   the weight and its packed copies flushed from the CPU caches before each timed run (in a model
   every layer reads its weight from DRAM), and keeps the fastest (the losing Winograd variant's
