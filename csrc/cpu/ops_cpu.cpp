@@ -339,9 +339,9 @@ at::Tensor conv_onednn(
 // an implicit GEMM with the epilogue in its store for every other kernel size and stride
 // (implicit_gemm_cpu.cpp). They compute in fp32; a bf16 or fp16 call is converted to fp32 on the
 // way in and rounded once on the way out (conv_own). WHY: on a CPU without native bf16/fp16
-// convolutions (no AVX512-BF16, AMX or AVX512-FP16: oneDNN refuses them, ATen's fallback is
-// scalar) the direct path ran a bf16 resnet18 at 12x the fp32 time; where the CPU has them, the
-// timing weighs oneDNN's native kernels against this.
+// convolutions (no AVX512-BF16, AMX or AVX512-FP16: oneDNN refuses them and ATen falls back to
+// a slow generic path) the direct path ran a bf16 resnet18 at 12x the fp32 time; where the CPU
+// has them, the timing weighs oneDNN's native kernels against this.
 //
 // Which is faster depends on the shape and the machine: Winograd does 2.25x (F(2x2)) or 4x (F(4x4))
 // fewer multiply-adds but reads a 16/9x or 4x larger weight and transforms every tile, so it loses
@@ -546,14 +546,18 @@ at::Tensor conv_own(
   if (x.scalar_type() != at::kFloat) {
     // bf16 / fp16: activations to fp32 and back (one rounding of the result, after bias, residual
     // and ReLU, as eager rounds its conv's fp32 sums). The weight is packed to fp32 once, cached.
+    // The fp32 copies come from the output pool, as fresh ones would page-fault (output_pool.h).
+    const auto widened = [](const at::Tensor& t) {
+      return pooled_empty_channels_last(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
+    };
     std::optional<at::Tensor> bias32, residual32;
     if (bias.has_value()) {
       bias32 = bias->to(at::kFloat);
     }
     if (residual.has_value()) {
-      residual32 = residual->to(at::kFloat);
+      residual32 = widened(*residual);
     }
-    return conv_own(choice, x.to(at::kFloat), weight, bias32, stride, padding, residual32, relu, out_sizes)
+    return conv_own(choice, widened(x), weight, bias32, stride, padding, residual32, relu, out_sizes)
         .to(x.scalar_type());
   }
   const at::Tensor packed = packed_weight(weight, choice.kernel);
@@ -660,9 +664,9 @@ Choice choose(
     }
   }
   // The direct convolution, then each of our kernels at each block size. The direct one is left
-  // out where it is ATen's fallback for a bf16/fp16 convolution oneDNN cannot run on this CPU: ~10x
-  // slower than ours on every ResNet layer measured, and its timed runs took a bf16 resnet50's
-  // first batch-8 call from 6 to 15 s.
+  // out where it is ATen's fallback for a bf16/fp16 convolution oneDNN cannot run on this CPU: a
+  // whole bf16 resnet18 on it took 235 ms against 25 ms on ours (AVX2 EPYC, 2 threads), and its
+  // timed runs took a bf16 resnet50's first batch-8 call from 6 to 15 s.
   std::vector<Choice> options;
   std::vector<std::function<void()>> candidates;
   if (x.scalar_type() == at::kFloat || use_onednn(x)) {
