@@ -3,9 +3,9 @@
 per-shape choice between them and the direct (oneDNN) convolution.
 
 RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, or bf16/fp16 computed in fp32;
-groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the implicit GEMM for every other
-kernel size, stride and padding), =0 turns them off, unset times all candidates on a shape's first
-call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant, RESNET_FUSED_GEMM_CORE=own or
+groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the
+implicit GEMM for every other kernel size, stride and padding), =0 turns them off, unset times all
+candidates on a shape's first call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant, RESNET_FUSED_GEMM_CORE=own or
 brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm through ATen),
 RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work between threads.
 """
@@ -222,9 +222,11 @@ def test_low_precision_skips_atens_fallback_in_the_timing(dtype, monkeypatch):
     lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
     assert len(lines) == 1 and lines[0].split(": ")[1].startswith("winograd_"), lines
 
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_low_precision_model_on_own_kernels(arch, dtype, forced):
+    """A whole bf16/fp16 model on our kernels: within twice eager's own error in that dtype."""
     model = random_model(arch, calibration_size=16)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     fused = resnet_fused.fuse(model, backend="extension", dtype=dtype)
@@ -236,6 +238,7 @@ def test_low_precision_model_on_own_kernels(arch, dtype, forced):
     assert out.dtype == dtype
     verdict = judge(out, eager, reference)
     assert verdict.ok, verdict
+
 
 def test_implicit_gemm_keeps_nan(forced):
     x, weight, bias, _, _ = make_case((1, 16, 32, 3, 3), (True, False, True), "channels_last", kernel=1)
