@@ -5,9 +5,10 @@ per-shape choice between them and the direct (oneDNN) convolution.
 RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, or bf16/fp16 computed in fp32;
 groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the
 implicit GEMM for every other kernel size, stride and padding), =0 turns them off, unset times all
-candidates on a shape's first call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant, RESNET_FUSED_GEMM_CORE=own or
-brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm through ATen),
-RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work between threads.
+candidates on a shape's first call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant,
+RESNET_FUSED_GEMM_CORE=own or brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm
+through ATen), RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work
+between threads.
 """
 
 from __future__ import annotations
