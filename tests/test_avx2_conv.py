@@ -224,6 +224,36 @@ def test_low_precision_skips_atens_fallback_in_the_timing(dtype, monkeypatch):
     assert len(lines) == 1 and lines[0].split(": ")[1].startswith("winograd_"), lines
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["groups2", "k_not_multiple_of_16", "own_kernels_off"])
+def test_low_precision_beyond_our_kernels_runs_onednn(case, dtype, monkeypatch):
+    """bf16/fp16 convs ours cannot take run oneDNN's convolution: natively where the CPU has
+    those instructions, else its fp32 one on widened copies (ATen's generic fallback is ~10x slower)."""
+    monkeypatch.setenv(AVX2_CONV_ENV, "0" if case == "own_kernels_off" else "1")
+    x, weight, bias, residual, relu = make_case((2, 16, 32, 6, 7), (True, True, True), "channels_last")
+    groups = 1
+    if case == "groups2":
+        groups, weight = 2, weight[:, :8].contiguous()
+    elif case == "k_not_multiple_of_16":
+        weight, bias, residual = weight[:24].contiguous(), bias[:24].contiguous(), residual[:, :24].contiguous(
+            memory_format=torch.channels_last)
+    x, weight, bias, residual = to_dtype((x, weight, bias, residual), dtype)
+
+    def call():
+        return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, [1, 1], [1, 1], groups, residual, relu)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    names = {e.name for e in prof.events()}
+    assert "mkldnn::_convolution_pointwise" in names and "aten::convolution" not in names, names
+    out = call()
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    ref = reference_conv_bias_act(x, weight, bias, padding=1, groups=groups, residual=residual, relu=relu)
+    assert_close(out, ref)
+    eager = (F.conv2d(x, weight, bias, 1, 1, 1, groups) + residual).relu()
+    assert_within_eager_error(out, eager, ref)
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_low_precision_model_on_own_kernels(arch, dtype, forced):

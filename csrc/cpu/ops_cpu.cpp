@@ -198,7 +198,7 @@ constexpr const char* kOneDnnEnv = "RESNET_FUSED_ONEDNN_FUSED";
 // they run the same oneDNN convolution that at::convolution would pick for these dtypes, with the
 // weight prepacked and the bias and add fused. RESNET_FUSED_ONEDNN_FUSED=0 turns it off (for
 // comparisons and to test the other path); torch.backends.mkldnn.enabled=False does too.
-bool use_onednn(const at::Tensor& x) {
+bool use_onednn(at::ScalarType dtype) {
   if (env_switch(kOneDnnEnv) == 0 || !at::globalContext().userEnabledMkldnn()) {
     return false;
   }
@@ -206,7 +206,7 @@ bool use_onednn(const at::Tensor& x) {
   if (!ops.unary.has_value()) {
     return false;
   }
-  switch (x.scalar_type()) {
+  switch (dtype) {
     case at::kFloat:
       return true;
     case at::kBFloat16:
@@ -402,12 +402,15 @@ bool is_winograd(Kernel kernel) {
   return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4;
 }
 
+bool is_low_precision(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+}
+
 // Our kernels that could compute this call, the one to use when forced first; empty if none.
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, int64_t groups) {
-  const bool computed_in_fp32 =
-      x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  if (!computed_in_fp32 || groups != 1 || weight.size(0) % avx2::kPanel != 0 || !avx2::cpu_has_avx2_fma()) {
+  if ((x.scalar_type() != at::kFloat && !is_low_precision(x)) || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
+      !avx2::cpu_has_avx2_fma()) {
     return {};
   }
   const int64_t r = weight.size(2), s = weight.size(3);
@@ -532,6 +535,26 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
   }
 }
 
+// A bf16 / fp16 call computed in fp32: `compute` gets fp32 copies of x, bias and residual, and its
+// fp32 result is rounded once to x's dtype (after bias, residual and ReLU, as eager rounds its
+// conv's fp32 sums). The activation copies come from the output pool: fresh ones page-faulted
+// (resnet50 bf16 batch 8: 12.5k faults per forward; output_pool.h).
+template <typename Compute>
+at::Tensor computed_in_fp32(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, Compute&& compute) {
+  const auto widened = [](const at::Tensor& t) {
+    return pooled_empty_channels_last(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
+  };
+  std::optional<at::Tensor> bias32, residual32;
+  if (bias.has_value()) {
+    bias32 = bias->to(at::kFloat);
+  }
+  if (residual.has_value()) {
+    residual32 = widened(*residual);
+  }
+  return compute(widened(x), bias32, residual32).to(x.scalar_type());
+}
+
 at::Tensor conv_own(
     const Choice& choice,
     const at::Tensor& x,
@@ -543,22 +566,11 @@ at::Tensor conv_own(
     bool relu,
     const std::array<int64_t, 4>& out_sizes) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
-  if (x.scalar_type() != at::kFloat) {
-    // bf16 / fp16: activations to fp32 and back (one rounding of the result, after bias, residual
-    // and ReLU, as eager rounds its conv's fp32 sums). The weight is packed to fp32 once, cached.
-    // The fp32 copies come from the output pool, as fresh ones would page-fault (output_pool.h).
-    const auto widened = [](const at::Tensor& t) {
-      return pooled_empty_channels_last(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
-    };
-    std::optional<at::Tensor> bias32, residual32;
-    if (bias.has_value()) {
-      bias32 = bias->to(at::kFloat);
-    }
-    if (residual.has_value()) {
-      residual32 = widened(*residual);
-    }
-    return conv_own(choice, widened(x), weight, bias32, stride, padding, residual32, relu, out_sizes)
-        .to(x.scalar_type());
+  if (is_low_precision(x)) {  // the weight is packed to fp32 once, cached
+    return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
+                                                   const std::optional<at::Tensor>& residual32) {
+      return conv_own(choice, x32, weight, bias32, stride, padding, residual32, relu, out_sizes);
+    });
   }
   const at::Tensor packed = packed_weight(weight, choice.kernel);
   at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
@@ -580,6 +592,20 @@ at::Tensor conv_own(
   return out;
 }
 
+// The direct convolution's path for x's dtype: oneDNN's, oneDNN's fp32 one on widened bf16 / fp16
+// (where this CPU has no oneDNN kernels for them, but has fp32 ones), or ATen's.
+enum class DirectPath { kOneDnn, kOneDnnInFp32, kAten };
+
+DirectPath direct_path(const at::Tensor& x) {
+  if (use_onednn(x.scalar_type())) {
+    return DirectPath::kOneDnn;
+  }
+  return is_low_precision(x) && use_onednn(at::kFloat) ? DirectPath::kOneDnnInFp32 : DirectPath::kAten;
+}
+
+// Key of the fp32 copy of a bf16 / fp16 weight in own_kernel_weights() (the others are Kernel values).
+constexpr int64_t kFp32WeightKey = -1;
+
 at::Tensor conv_direct(
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -590,8 +616,21 @@ at::Tensor conv_direct(
     const std::optional<at::Tensor>& residual,
     bool relu,
     c10::MemoryFormat format) {
-  if (x.numel() > 0 && use_onednn(x)) {
+  const DirectPath path = x.numel() > 0 ? direct_path(x) : DirectPath::kAten;
+  if (path == DirectPath::kOneDnn) {
     return conv_onednn(x, weight, bias, stride, padding, groups, residual, relu, format);
+  }
+  if (path == DirectPath::kOneDnnInFp32) {
+    // WHY: without AVX512-BF16 / AMX / AVX512-FP16 ATen's bf16 and fp16 convolutions are a slow
+    // generic path (a whole bf16 resnet18: 235 ms against 25 ms in fp32); the convs our kernels
+    // do not take (grouped, output channels not a multiple of 16, or ours switched off) go to
+    // oneDNN's fp32 one instead. The fp32 weight is made once per weight and cached.
+    const int64_t key[] = {kFp32WeightKey};
+    const at::Tensor weight32 = own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return w.to(at::kFloat); });
+    return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
+                                                   const std::optional<at::Tensor>& residual32) {
+      return conv_onednn(x32, weight32, bias32, stride, padding, groups, residual32, relu, format);
+    });
   }
   // The bias goes into the convolution: ATen's CPU convolutions add it while accumulating, at no
   // cost and before the output is rounded to a low-precision dtype (as eager does).
@@ -663,13 +702,15 @@ Choice choose(
       return it->second;
     }
   }
-  // The direct convolution, then each of our kernels at each block size. The direct one is left
-  // out where it is ATen's fallback for a bf16/fp16 convolution oneDNN cannot run on this CPU: a
-  // whole bf16 resnet18 on it took 235 ms against 25 ms on ours (AVX2 EPYC, 2 threads), and its
-  // timed runs took a bf16 resnet50's first batch-8 call from 6 to 15 s.
+  // The direct convolution, then each of our kernels at each block size. For bf16/fp16 the direct
+  // one is a candidate only where oneDNN runs that dtype: elsewhere it is ATen's slow fallback or
+  // oneDNN's fp32 conv with the conversions ours pays too, plus an fp32 copy of the weight
+  // (conv_direct) kept for the process. ATen's fallback took a whole bf16 resnet18 235 ms against
+  // 25 ms on ours (AVX2 EPYC, 2 threads), and its timed runs took a bf16 resnet50's first batch-8
+  // call from 6 to 15 s.
   std::vector<Choice> options;
   std::vector<std::function<void()>> candidates;
-  if (x.scalar_type() == at::kFloat || use_onednn(x)) {
+  if (!is_low_precision(x) || use_onednn(x.scalar_type())) {
     options.push_back(Choice{});
     candidates.push_back([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
   }
