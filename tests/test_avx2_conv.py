@@ -6,8 +6,8 @@ RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, or bf16/fp16 com
 groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the
 implicit GEMM for every other kernel size, stride and padding), =0 turns them off, unset times all
 candidates on a shape's first call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant,
-RESNET_FUSED_GEMM_CORE=own or brgemm the GEMM under it (our AVX2 micro-kernel or oneDNN's brgemm
-through ATen), RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work
+RESNET_FUSED_GEMM_CORE=own or brgemm the GEMM under both (our AVX2 micro-kernel or oneDNN's brgemm
+through ATen; the implicit GEMM then applies its epilogue after each brgemm call), RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work
 between threads.
 """
 
@@ -150,7 +150,7 @@ SHAPES_IGEMM = [
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
 @pytest.mark.parametrize("shape", SHAPES_IGEMM, ids=[f"n{n}c{c}k{k}_{h}x{w}_{r}x{r}s{s}p{p}" for n, c, k, h, w, r, s, p in SHAPES_IGEMM])
-def test_implicit_gemm_matches_float64(shape, flags, layout, split, forced):
+def test_implicit_gemm_matches_float64(shape, flags, layout, split, core, forced):
     *dims, kernel, stride, padding = shape
     x, weight, bias, residual, relu = make_case(dims, flags, layout, kernel=kernel, stride=stride, padding=padding)
     assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding))
@@ -271,7 +271,7 @@ def test_low_precision_model_on_own_kernels(arch, dtype, forced):
     assert verdict.ok, verdict
 
 
-def test_implicit_gemm_keeps_nan(forced):
+def test_implicit_gemm_keeps_nan(core, forced):
     x, weight, bias, _, _ = make_case((1, 16, 32, 3, 3), (True, False, True), "channels_last", kernel=1)
     x[0, 5, 1, 2] = float("nan")
     out = conv(x, weight, bias, None, True)
@@ -313,7 +313,7 @@ def test_winograd_keeps_nan(tile, core, forced):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
-def test_implicit_gemm_any_thread_count(threads, split, forced):
+def test_implicit_gemm_any_thread_count(threads, split, core, forced):
     """Split by channels, each thread takes a whole share of the 6 panels (96 channels) with all of
     the 286 pixels' 6 blocks; 4 threads cannot share 6 panels evenly and fall back to pixels."""
     assert_correct_on_threads((2, 24, 96, 13, 11), 1, threads)
@@ -373,6 +373,23 @@ def test_thread_split_switch_narrows_the_timed_candidates(setting, channels, mon
     assert kernel in ("direct", "implicit_gemm")
     if kernel == "implicit_gemm":
         assert ("split channels" in lines[0]) == (setting == "channels"), lines[0]
+
+
+@pytest.mark.parametrize("setting, channels", [("own", 56), ("brgemm", 57)])
+def test_gemm_core_switch_narrows_the_implicit_gemm_candidates(setting, channels, monkeypatch):
+    """Timed under RESNET_FUSED_GEMM_CORE, an implicit-GEMM choice runs its GEMMs on that core."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.setenv(GEMM_CORE_ENV, setting)
+    x, weight, bias, residual, relu = make_case((1, channels, 32, 9, 4), (True, True, True), "channels_last",
+                                                kernel=3, stride=2)
+    assert_close(conv(x, weight, bias, residual, relu, 2), reference(x, weight, bias, residual, relu, 2))
+    prefix = f"x 1x{channels}x9x4, weight 32x{channels}x3x3, stride 2, residual"
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
+    assert len(lines) == 1, extension.cpu_conv_choices()
+    kernel = lines[0].split(": ")[1].split()[0]
+    assert kernel in ("direct", "implicit_gemm")
+    if kernel == "implicit_gemm":
+        assert ("brgemm" in lines[0]) == (setting == "brgemm"), lines[0]
 
 
 def test_changed_switch_is_obeyed_after_timing(monkeypatch):

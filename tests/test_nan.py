@@ -156,7 +156,8 @@ def test_conv_non_finite_like_eager(shape, flags, where, layout, bad, path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", BAD_VALUES)
 @pytest.mark.parametrize("shape, kernel", [("3x3s1", "winograd2"), ("3x3s1", "winograd4"), ("3x3s1", "winograd4_brgemm"),
-                                           ("3x3s2", "implicit_gemm"), ("stem7x7s2", "implicit_gemm")])
+                                           ("3x3s2", "implicit_gemm"), ("stem7x7s2", "implicit_gemm"),
+                                           ("3x3s2", "implicit_gemm_brgemm"), ("stem7x7s2", "implicit_gemm_brgemm")])
 def test_own_kernels_non_finite_like_eager(shape, kernel, bad, dtype, monkeypatch, nan_filled_empty_exact_fp32):
     """Our AVX2 kernels by name: the case runs through them (no oneDNN or ATen convolution). Winograd
     (F(2x2) and F(4x4)) would turn a lone Inf into NaNs (its transforms add and subtract a tile's
@@ -165,7 +166,7 @@ def test_own_kernels_non_finite_like_eager(shape, kernel, bad, dtype, monkeypatc
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     if kernel.startswith("winograd"):
         monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, kernel[len("winograd")])
-        monkeypatch.setenv(extension.GEMM_CORE_ENV, "brgemm" if kernel.endswith("brgemm") else "own")
+    monkeypatch.setenv(extension.GEMM_CORE_ENV, "brgemm" if kernel.endswith("brgemm") else "own")
     x, weight, bias, kwargs = make_case(shape, "bias_res_relu", "channels_last")
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     kwargs["residual"] = kwargs["residual"].to(dtype)

@@ -201,6 +201,20 @@ RF_AVX2 inline void micro_kernel(int64_t c0, int64_t c, int64_t taps, int64_t ro
   }
 }
 
+// The epilogue applied in place to `count` rows of one 16-column panel already summed in `out`
+// (by oneDNN's brgemm, which has no post-ops here): one pass while the tile is still in L1.
+RF_AVX2 inline void finish_rows(int64_t count, float* out, int64_t ld_out, const Epilogue& e) {
+  for (int64_t r = 0; r < count; ++r) {
+    Epilogue er = e;
+    if (e.residual != nullptr) {
+      er.residual += r * e.ld_residual;
+    }
+    float* o = out + r * ld_out;
+    _mm256_storeu_ps(o, finish(_mm256_loadu_ps(o), er, 0, 0));
+    _mm256_storeu_ps(o + 8, finish(_mm256_loadu_ps(o + 8), er, 0, 1));
+  }
+}
+
 // Products (taps x channels) per chunk of the reduction: a chunk's slice of a panel (16 KiB)
 // stays in L1 while every row group of the call uses it. WHY: with the whole reduction at once,
 // a 1x1 conv over 1024 channels streamed its 64 KiB panel from L2 once per six rows.

@@ -16,10 +16,12 @@ at::Tensor pack_weight(const at::Tensor& weight);
 // out = relu?(conv2d(x, weight, stride, padding) + bias (+ residual)), all dense channels_last fp32;
 // `kernel_size` is the weight's (R, S); `block` output pixels per work item. The threads share
 // the output pixels, or with `split_channels` the output channels (each thread then reads its
-// share of the weight once and all of the input; possible when the panels divide evenly).
+// share of the weight once and all of the input; possible when the panels divide evenly). With
+// `brgemm` the GEMMs run on oneDNN's brgemm (JIT for the CPU's widest ISA) instead of our AVX2
+// micro-kernel, and the epilogue follows each call on the 16-column tile it wrote.
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block, bool split_channels);
+          const at::Tensor& out, int64_t block, bool split_channels, bool brgemm);
 
 // Whether `split_channels` can apply: the output channels' panels divide evenly between the threads.
 bool can_split_channels(int64_t out_channels, int64_t threads);

@@ -15,6 +15,7 @@
 #include "avx2_gemm.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -41,7 +42,7 @@ bool can_split_channels(int64_t out_channels, int64_t threads) {
 
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block, bool split_channels) {
+          const at::Tensor& out, int64_t block, bool split_channels, bool brgemm) {
 #if RF_HAVE_X86
   const int64_t n = x.size(0), k = out.size(1), p = out.size(2), q = out.size(3);
   int64_t c = x.size(1), h = x.size(2), w = x.size(3);
@@ -86,9 +87,13 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   const float* bp = bias.const_data_ptr<float>();
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
+  // A 1x1, stride-1, unpadded conv's rows are the input's pixels as they lie: brgemm reads them in place.
+  const bool rows_in_place = taps == 1 && stride[0] == 1 && stride[1] == 1 && pad_h == 0 && pad_w == 0;
+  const int64_t reduction = taps * c;
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> zero;
+    thread_local std::vector<float> gathered;
     rows.resize(split.max_size() * taps);
     zero.assign(c, 0.f);
     for (int64_t item = begin; item < end; ++item) {
@@ -110,8 +115,33 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
         }
       }
       const int64_t panel = kg * group_panels, offset = t0 * k + panel * kPanel;
+      if (brgemm) {
+        const float* a = xp + t0 * c;
+        if (!rows_in_place) {
+          // brgemm takes its A rows evenly spaced: each row's taps are copied side by side (an
+          // im2col of this block only, count x taps*C, read back from L1/L2).
+          gathered.resize(count * reduction);
+          for (int64_t i = 0; i < count * taps; ++i) {
+            std::copy_n(rows[i], c, gathered.data() + i * c);
+          }
+          a = gathered.data();
+        }
+        for (int64_t pp = 0; pp < group_panels; ++pp) {
+          float* o = op + offset + pp * kPanel;
+          // The panel (taps*C x 16, row-major) is brgemm's B as it is.
+          at::native::cpublas::brgemm(count, kPanel, reduction, rows_in_place ? c : reduction, kPanel, k, false, a,
+                                      wp + (panel + pp) * reduction * kPanel, o, false);
+          avx2::finish_rows(count, o, k,
+                            avx2::Epilogue{bp + (panel + pp) * kPanel,
+                                           rp == nullptr ? nullptr : rp + offset + pp * kPanel, k, relu});
+        }
+        continue;
+      }
       avx2::gemm_panels(count, c, taps, rows.data(), wp + panel * taps * c * kPanel, group_panels, op + offset, k,
                         avx2::Epilogue{bp + panel * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
+    }
+    if (brgemm) {
+      at::native::cpublas::brgemm_release(false);  // frees AMX tile state where oneDNN used it
     }
   });
 #else

@@ -351,8 +351,8 @@ at::Tensor conv_onednn(
 // evicted from the caches as it is in a model (evict_weight), and keeps the fastest.
 // RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply (Winograd
 // F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one Winograd variant only
-// (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM under Winograd (else
-// timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit GEMM shares its work
+// (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM under Winograd and the
+// implicit GEMM (else timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit GEMM shares its work
 // between the threads (else timed; forced mode shares pixels unless told).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
@@ -373,7 +373,9 @@ int winograd_tile_setting() {
   return value[0] - '0';
 }
 
-// The GEMM under Winograd: our AVX2 micro-kernel or oneDNN's brgemm (winograd.h).
+// The GEMM under Winograd and the implicit GEMM: our AVX2 micro-kernel or oneDNN's brgemm, which
+// oneDNN generates for the CPU's widest ISA (AVX-512, AMX) where ours is AVX2 (winograd.h,
+// implicit_gemm.h).
 enum class GemmCore { kAuto, kOwn, kBrgemm };
 
 GemmCore gemm_core_setting() {
@@ -396,10 +398,6 @@ ThreadSplit thread_split_setting() {
   TORCH_CHECK(std::strcmp(value, "pixels") == 0 || std::strcmp(value, "channels") == 0, "resnet_fused: ",
               kThreadSplitEnv, " must be pixels, channels or auto, got '", value, "'");
   return value[0] == 'c' ? ThreadSplit::kChannels : ThreadSplit::kPixels;
-}
-
-bool is_winograd(Kernel kernel) {
-  return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4;
 }
 
 bool is_low_precision(const at::Tensor& x) {
@@ -439,7 +437,7 @@ int64_t default_block(const at::Tensor& packed) {
 struct Choice {
   Kernel kernel = Kernel::kDirect;
   int64_t block = 0;
-  bool brgemm = false;          // Winograd's GEMMs on oneDNN's brgemm
+  bool brgemm = false;          // the GEMMs on oneDNN's brgemm
   bool split_channels = false;  // implicit GEMM: the threads share output channels, not pixels
 };
 
@@ -581,7 +579,7 @@ at::Tensor conv_own(
   }
   if (choice.kernel == Kernel::kImplicitGemm) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
-                        choice.block, choice.split_channels);
+                        choice.block, choice.split_channels, choice.brgemm);
   } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, choice.brgemm)) {
     // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
     // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
@@ -684,7 +682,7 @@ Choice choose(
       return Choice{};
     }
     const Kernel kernel = kernels.front();
-    return Choice{kernel, default_block(packed_weight(weight, kernel)), is_winograd(kernel) && core == GemmCore::kBrgemm,
+    return Choice{kernel, default_block(packed_weight(weight, kernel)), core == GemmCore::kBrgemm,
                   kernel == Kernel::kImplicitGemm && split == ThreadSplit::kChannels};
   }
   TimedChoices& timed = timed_choices();
@@ -727,7 +725,7 @@ Choice choose(
                                         implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())));
     if (by_pixels) {
       for (int64_t block : kBlockCandidates) {
-        options.push_back(Choice{kernel, block, is_winograd(kernel) && core == GemmCore::kBrgemm});
+        options.push_back(Choice{kernel, block, core == GemmCore::kBrgemm});
         candidates.push_back(run(options.back()));
       }
     }
@@ -735,14 +733,14 @@ Choice choose(
       // Channels split between the threads: each reads its share of the weight once. Small
       // blocks would re-read that share once per block.
       for (int64_t block : kSplitChannelsBlockCandidates) {
-        options.push_back(Choice{kernel, block, false, true});
+        options.push_back(Choice{kernel, block, core == GemmCore::kBrgemm, true});
         candidates.push_back(run(options.back()));
       }
     }
   }
   const auto evict = [&] { evict_weight(weight); };
   Choice best = options[fastest(candidates, evict)];
-  if (is_winograd(best.kernel) && core == GemmCore::kAuto) {
+  if (best.kernel != Kernel::kDirect && core == GemmCore::kAuto) {
     // The GEMM core is timed for the chosen kernel and block only: the two cores compute the same
     // GEMMs, so what favours one kernel or block favours it on either core.
     Choice with_brgemm = best;

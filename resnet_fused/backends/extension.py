@@ -37,10 +37,11 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   tile side), forced or timed; unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
   multiply-adds than F(2x2) on large maps, with about 20x a direct convolution's fp32 rounding error
   (still ~1e-6 of the logits on a whole ResNet).
-- ``RESNET_FUSED_GEMM_CORE`` (CPU): the GEMMs under Winograd on ``own`` (our AVX2 micro-kernel) or
-  ``brgemm`` (oneDNN's JIT micro-kernel inside ATen, ``at::native::cpublas::brgemm``, generated for
-  the ISA the CPU has: AVX-512 on an AVX-512 server); unset or ``auto``: timed for each shape's
-  chosen Winograd variant. oneDNN's own ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first
+- ``RESNET_FUSED_GEMM_CORE`` (CPU): the GEMMs under Winograd and the implicit GEMM on ``own`` (our
+  AVX2 micro-kernel) or ``brgemm`` (oneDNN's JIT micro-kernel inside ATen,
+  ``at::native::cpublas::brgemm``, generated for the ISA the CPU has: AVX-512 on an AVX-512 server;
+  the implicit GEMM then adds bias and residual and applies the ReLU right after each brgemm call,
+  on the tile it just wrote); unset or ``auto``: timed for each shape's chosen kernel and block. oneDNN's own ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first
   call, caps the ISA of brgemm and of the direct convolution, so an AVX-512 machine can run and
   time the AVX2 code.
 - ``RESNET_FUSED_THREAD_SPLIT`` (CPU): how the implicit GEMM shares a conv between the threads:
