@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
+import os
 import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -317,6 +321,39 @@ def test_implicit_gemm_any_thread_count(threads, split, core, forced):
     """Split by channels, each thread takes a whole share of the 6 panels (96 channels) with all of
     the 286 pixels' 6 blocks; 4 threads cannot share 6 panels evenly and fall back to pixels."""
     assert_correct_on_threads((2, 24, 96, 13, 11), 1, threads)
+
+
+# Run in a fresh process: oneDNN reads ONEDNN_MAX_CPU_ISA once, when it first generates code.
+CAPPED_ISA_SCRIPT = """
+import json, torch, torch.nn.functional as F
+import resnet_fused.backends.extension
+errors = {}
+g = torch.Generator().manual_seed(3)
+for name, (c, k, size, kernel, stride) in {"winograd": (24, 32, 9, 3, 1), "1x1": (40, 48, 7, 1, 1),
+                                            "3x3s2": (24, 32, 9, 3, 2), "stem": (3, 16, 15, 7, 2)}.items():
+    x = torch.randn(2, c, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(k, c, kernel, kernel, generator=g) / (c * kernel * kernel) ** 0.5
+    b, pad = torch.randn(k, generator=g), kernel // 2
+    r = torch.randn(2, k, (size + 2 * pad - kernel) // stride + 1, (size + 2 * pad - kernel) // stride + 1, generator=g)
+    out = torch.ops.resnet_fused.conv_bias_act(x, w, b, [stride] * 2, [pad] * 2, 1, r, True)
+    ref = (F.conv2d(x.double(), w.double(), b.double(), stride, pad) + r.double()).relu()
+    errors[name] = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.parametrize("isa", ["SSE41", "AVX2"])
+def test_brgemm_core_under_a_capped_isa(isa):
+    """oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA, the switch that runs the AVX2 code on an AVX-512
+    machine) still gives the convolution on the brgemm core, for Winograd and the implicit GEMM:
+    below AVX2 oneDNN generates no brgemm and ATen's brgemm computes the GEMM another way."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, **{AVX2_CONV_ENV: "1", GEMM_CORE_ENV: "brgemm"})
+    done = subprocess.run([sys.executable, "-c", CAPPED_ISA_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"winograd", "1x1", "3x3s2", "stem"}
+    assert all(e < 1e-5 for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("env, value", [(WINOGRAD_TILE_ENV, "3"), (WINOGRAD_TILE_ENV, "F4"), (GEMM_CORE_ENV, "mkl"),
