@@ -212,7 +212,7 @@ def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device 
     except ImportError:
         return [], [f"{labels} skipped: onnx is not installed (pip install 'resnet-fused[peers]')"]
     variants, notes = [], []
-    onnx = functools.cache(lambda: _onnx_bytes(model, example))  # one export, built with the first peer
+    onnx = functools.cache(lambda: onnx_bytes(model, example))  # one export, built with the first peer
     for module, label in PEERS.items():
         try:
             importlib.import_module(module)
@@ -234,7 +234,7 @@ def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device 
     return variants, notes
 
 
-def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     # The TorchScript-based exporter (dynamo=False) at opset 17: what the ONNX Runtime and OpenVINO
     # numbers in the field were measured with, and it needs no onnxscript.
     model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()

@@ -238,3 +238,24 @@ def test_environment_names_the_cpu_and_its_isa(monkeypatch, tmp_path):
                                 "amx_tile", "amx_bf16"]
     for module in bench.PEERS:
         assert (module in env) == (importlib.util.find_spec(module) is not None)
+
+
+def test_per_layer_script(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "per_layer.py"), "--model", "resnet18", "--size", "32", "--rounds", "2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        assert result.returncode == 2 and "pip install 'resnet-fused[peers]'" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "per_layer.json").read_text())
+    layers = data["layers"]
+    assert len(layers) == 20  # resnet18: the stem, 16 3x3 convs, 3 strided 1x1 shortcuts
+    assert [layer["weight"] for layer in layers[:2]] == [[64, 3, 7, 7], [64, 64, 3, 3]]
+    assert sum(layer["residual"] for layer in layers) == 8  # each BasicBlock's second conv
+    assert all(layer["ours_ms"] > 0 and layer["ort_ms"] > 0 for layer in layers)
+    assert data["ours_total_ms"] == pytest.approx(sum(layer["ours_ms"] for layer in layers))
+    text = (tmp_path / "per_layer.md").read_text()
+    assert text.count("\n| ") == len(layers) + 2 and data["environment"]["device_name"] in text
