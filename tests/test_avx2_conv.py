@@ -395,12 +395,15 @@ def test_timed_choices_are_listed(monkeypatch):
     assert (kernel != "direct") == own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
 
 
-@pytest.mark.parametrize("setting, channels", [("pixels", 40), ("channels", 41)])
-def test_thread_split_switch_narrows_the_timed_candidates(setting, channels, monkeypatch):
-    """Timed under RESNET_FUSED_THREAD_SPLIT, an implicit-GEMM choice shares the work that way
-    (each setting on its own shape: the list does not name the setting a choice was made under)."""
+@pytest.mark.parametrize("env, setting, channels, marker", [
+    (THREAD_SPLIT_ENV, "pixels", 40, "split channels"), (THREAD_SPLIT_ENV, "channels", 41, "split channels"),
+    (GEMM_CORE_ENV, "own", 56, "brgemm"), (GEMM_CORE_ENV, "brgemm", 57, "brgemm")])
+def test_switch_narrows_the_implicit_gemm_candidates(env, setting, channels, marker, monkeypatch):
+    """Timed under RESNET_FUSED_THREAD_SPLIT (RESNET_FUSED_GEMM_CORE), an implicit-GEMM choice shares
+    the work (runs its GEMMs) that way. Each setting on its own shape: the list does not name the
+    setting a choice was made under."""
     monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
-    monkeypatch.setenv(THREAD_SPLIT_ENV, setting)
+    monkeypatch.setenv(env, setting)
     x, weight, bias, residual, relu = make_case((1, channels, 64, 5, 6), (True, True, True), "channels_last", kernel=1)
     assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
     prefix = f"x 1x{channels}x5x6, weight 64x{channels}x1x1, stride 1, residual"
@@ -409,24 +412,7 @@ def test_thread_split_switch_narrows_the_timed_candidates(setting, channels, mon
     kernel = lines[0].split(": ")[1].split()[0]
     assert kernel in ("direct", "implicit_gemm")
     if kernel == "implicit_gemm":
-        assert ("split channels" in lines[0]) == (setting == "channels"), lines[0]
-
-
-@pytest.mark.parametrize("setting, channels", [("own", 56), ("brgemm", 57)])
-def test_gemm_core_switch_narrows_the_implicit_gemm_candidates(setting, channels, monkeypatch):
-    """Timed under RESNET_FUSED_GEMM_CORE, an implicit-GEMM choice runs its GEMMs on that core."""
-    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
-    monkeypatch.setenv(GEMM_CORE_ENV, setting)
-    x, weight, bias, residual, relu = make_case((1, channels, 32, 9, 4), (True, True, True), "channels_last",
-                                                kernel=3, stride=2)
-    assert_close(conv(x, weight, bias, residual, relu, 2), reference(x, weight, bias, residual, relu, 2))
-    prefix = f"x 1x{channels}x9x4, weight 32x{channels}x3x3, stride 2, residual"
-    lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
-    assert len(lines) == 1, extension.cpu_conv_choices()
-    kernel = lines[0].split(": ")[1].split()[0]
-    assert kernel in ("direct", "implicit_gemm")
-    if kernel == "implicit_gemm":
-        assert ("brgemm" in lines[0]) == (setting == "brgemm"), lines[0]
+        assert (marker in lines[0]) == (setting in ("channels", "brgemm")), lines[0]
 
 
 def test_changed_switch_is_obeyed_after_timing(monkeypatch):
