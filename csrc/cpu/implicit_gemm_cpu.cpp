@@ -89,6 +89,7 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   float* op = out.data_ptr<float>();
   // A 1x1, stride-1, unpadded conv's rows are the input's pixels as they lie: brgemm reads them in place.
   const bool rows_in_place = taps == 1 && stride[0] == 1 && stride[1] == 1 && pad_h == 0 && pad_w == 0;
+  const bool need_rows = !(brgemm && rows_in_place);
   const int64_t reduction = taps * c;
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<const float*> rows;
@@ -102,7 +103,7 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
       const int64_t blk = by_channels ? item % blocks : item / k_groups;
       const int64_t kg = by_channels ? item / blocks : item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
-      for (int64_t r = 0; r < count; ++r) {
+      for (int64_t r = 0; r < count && need_rows; ++r) {
         const int64_t pixel = t0 + r;
         const int64_t img = pixel / (p * q);
         const int64_t y0 = ((pixel / q) % p) * stride[0] - pad_h, x0 = (pixel % q) * stride[1] - pad_w;

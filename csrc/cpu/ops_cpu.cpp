@@ -352,8 +352,8 @@ at::Tensor conv_onednn(
 // RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply (Winograd
 // F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one Winograd variant only
 // (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM under Winograd and the
-// implicit GEMM (else timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit GEMM shares its work
-// between the threads (else timed; forced mode shares pixels unless told).
+// implicit GEMM (else timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit
+// GEMM shares its work between the threads (else timed; forced mode shares pixels unless told).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
@@ -374,8 +374,8 @@ int winograd_tile_setting() {
 }
 
 // The GEMM under Winograd and the implicit GEMM: our AVX2 micro-kernel or oneDNN's brgemm, which
-// oneDNN generates for the CPU's widest ISA (AVX-512, AMX) where ours is AVX2 (winograd.h,
-// implicit_gemm.h).
+// oneDNN generates for the CPU's widest ISA (AVX-512 where there is one; ours is AVX2 code)
+// (winograd.h, implicit_gemm.h).
 enum class GemmCore { kAuto, kOwn, kBrgemm };
 
 GemmCore gemm_core_setting() {
