@@ -415,6 +415,24 @@ def test_switch_narrows_the_implicit_gemm_candidates(env, setting, channels, mar
         assert (marker in lines[0]) == (setting in ("channels", "brgemm")), lines[0]
 
 
+def test_implicit_gemm_core_is_timed_only_with_avx512(monkeypatch):
+    """Unforced, the implicit GEMM runs brgemm only where the CPU has AVX-512 (there brgemm is wider
+    code than our AVX2 kernel and is timed against it); Winograd's core is timed everywhere."""
+    from resnet_fused.bench import cpu_flags
+
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(GEMM_CORE_ENV, raising=False)
+    monkeypatch.delenv(THREAD_SPLIT_ENV, raising=False)
+    for channels in (72, 88, 104, 120):  # shapes of their own, each timed on its first call
+        case = make_case((1, channels, 64, 7, 5), (True, True, True), "channels_last", kernel=1)
+        assert_close(conv(*case), reference(*case))
+        prefix = f"x 1x{channels}x7x5, weight 64x{channels}x1x1,"
+        lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
+        assert len(lines) == 1, extension.cpu_conv_choices()
+        if "avx512f" not in cpu_flags():
+            assert "brgemm" not in lines[0], lines[0]
+
+
 def test_changed_switch_is_obeyed_after_timing(monkeypatch):
     """A shape timed under RESNET_FUSED_WINOGRAD_TILE=2 is timed again under =4, not served the
     F(2x2) choice: the switches are read on every call."""

@@ -352,8 +352,9 @@ at::Tensor conv_onednn(
 // RESNET_FUSED_AVX2_CONV=0 never uses our kernels, =1 always does where they apply (Winograd
 // F(2x2) for 3x3 stride 1); RESNET_FUSED_WINOGRAD_TILE=2 or 4 keeps one Winograd variant only
 // (forced or timed); RESNET_FUSED_GEMM_CORE=own or brgemm fixes the GEMM under Winograd and the
-// implicit GEMM (else timed); RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit
-// GEMM shares its work between the threads (else timed; forced mode shares pixels unless told).
+// implicit GEMM (else timed: Winograd's everywhere, the implicit GEMM's where the CPU has AVX-512);
+// RESNET_FUSED_THREAD_SPLIT=pixels or channels fixes how the implicit GEMM shares its work between
+// the threads (else timed; forced mode shares pixels unless told).
 
 constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
@@ -398,6 +399,29 @@ ThreadSplit thread_split_setting() {
   TORCH_CHECK(std::strcmp(value, "pixels") == 0 || std::strcmp(value, "channels") == 0, "resnet_fused: ",
               kThreadSplitEnv, " must be pixels, channels or auto, got '", value, "'");
   return value[0] == 'c' ? ThreadSplit::kChannels : ThreadSplit::kPixels;
+}
+
+bool is_winograd(Kernel kernel) {
+  return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4;
+}
+
+// Whether oneDNN can generate wider brgemm code than our AVX2 micro-kernel on this CPU.
+bool cpu_has_avx512() {
+#if RF_HAVE_X86
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Whether a shape's first call times brgemm against our micro-kernel for `kernel` (when the core is
+// not forced). Winograd: everywhere (its 7x7 layers took brgemm on the AVX2 EPYC). The implicit
+// GEMM: only where brgemm is AVX-512 code. WHY: on the AVX2 EPYC, where both are AVX2, timing it
+// was neutral (resnet50 b1 1.00x, resnet18 b1 0.97x, b8 1.02x, whole-model medians of 60 and 12
+// alternating forwards) and made resnet50's first forward 38% (b1) and 23% (b8) longer.
+bool times_gemm_core(Kernel kernel) {
+  return is_winograd(kernel) || (kernel == Kernel::kImplicitGemm && cpu_has_avx512());
 }
 
 bool is_low_precision(const at::Tensor& x) {
@@ -740,7 +764,7 @@ Choice choose(
   }
   const auto evict = [&] { evict_weight(weight); };
   Choice best = options[fastest(candidates, evict)];
-  if (best.kernel != Kernel::kDirect && core == GemmCore::kAuto) {
+  if (core == GemmCore::kAuto && times_gemm_core(best.kernel)) {
     // The GEMM core is timed for the chosen kernel and block only: the two cores compute the same
     // GEMMs, so what favours one kernel or block favours it on either core.
     Choice with_brgemm = best;
