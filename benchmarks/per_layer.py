@@ -57,11 +57,10 @@ def _ours(fused, x, rounds: int) -> list[dict]:
 def _onnxruntime(onnx: bytes, x, rounds: int, warmup: int = 3) -> list[dict]:
     import onnxruntime as ort
 
+    from resnet_fused import bench
+
     with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options = bench.onnxruntime_options()  # as benchmarks/interleaved.py runs it, plus its profiler
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "ort")
         session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])

@@ -248,7 +248,8 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
             return f.read()
 
 
-def _onnxruntime(onnx: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+def onnxruntime_options():
+    """The ONNX Runtime session options every comparison with it uses."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -256,7 +257,13 @@ def _onnxruntime(onnx: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
     # As many threads as torch uses: the comparison is of kernels, not of thread counts.
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def _onnxruntime(onnx: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx, onnxruntime_options(), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"images": x.float().numpy()})[0])
 
 

@@ -7,8 +7,8 @@ groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 
 implicit GEMM for every other kernel size, stride and padding), =0 turns them off, unset times all
 candidates on a shape's first call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant,
 RESNET_FUSED_GEMM_CORE=own or brgemm the GEMM under both (our AVX2 micro-kernel or oneDNN's brgemm
-through ATen; the implicit GEMM then applies its epilogue after each brgemm call), RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work
-between threads.
+through ATen; the implicit GEMM then applies its epilogue after each brgemm call),
+RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work between threads.
 """
 
 from __future__ import annotations

@@ -43,9 +43,9 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   the implicit GEMM then adds bias and residual and applies the ReLU right after each brgemm call,
   on the tile it just wrote); unset or ``auto``: timed for each shape's chosen kernel and block, for
   the implicit GEMM only where the CPU has AVX-512 (where both are AVX2 code, timing it changed
-  nothing measurable and made the first forward up to 38% longer). oneDNN's own ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first
-  call, caps the ISA of brgemm and of the direct convolution, so an AVX-512 machine can run and
-  time the AVX2 code.
+  nothing measurable and made the first forward up to 38% longer). oneDNN's own
+  ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first call, caps the ISA of brgemm and of
+  the direct convolution, so an AVX-512 machine can run and time the AVX2 code.
 - ``RESNET_FUSED_THREAD_SPLIT`` (CPU): how the implicit GEMM shares a conv between the threads:
   ``pixels`` (each thread a share of the output pixels; what ``RESNET_FUSED_AVX2_CONV=1`` uses
   unless told) or ``channels`` (each a share of the output channels, so it reads its share of the
