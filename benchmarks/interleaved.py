@@ -2,6 +2,7 @@
 ``resnet_fused.bench.time_interleaved``): the comparison to trust on a machine whose speed drifts.
 
     python benchmarks/interleaved.py --models resnet18,resnet50 --batch 1,8 --runs 3 --out DIR
+    python benchmarks/interleaved.py --dtype bf16 --models resnet50 --batch 1,8 --out DIR
 
 Variants: eager NCHW (the baseline), torch.compile (inductor, freezing), ONNX Runtime and
 OpenVINO on an ONNX export of the same model (when installed: ``pip install 'resnet-fused[peers]'``;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -29,15 +31,18 @@ from pathlib import Path
 
 import torch
 
-from resnet_fused import bench
+from resnet_fused import bench, ops
 from resnet_fused.backends import extension
 from resnet_fused.accuracy import judge, rel_error
 from resnet_fused.reference import random_model
 
 AVX2_OFF = "fused extension, own kernels off"
+EAGER_FP32 = "eager fp32"
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+BACKENDS = ("onednn", "extension")  # the CPU backends compared
 # What a user could run instead of us: "vs best peer" is the fastest of these divided by the row.
 PEER_KINDS = ("compile", "peer")
-RATIOS = ("vs_eager", "vs_compile", "vs_best_peer")
+RATIOS = ("vs_eager_fp32", "vs_compile", "vs_best_peer")
 
 
 def _with_env(name: str, value: str, fn):
@@ -54,53 +59,75 @@ def _with_env(name: str, value: str, fn):
     return call
 
 
-def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = True) -> list[dict]:
+def fused_backends(dtype: torch.dtype) -> tuple[list[str], list[str]]:
+    """The CPU backends timed in ``dtype`` (the extension always: the comparison is about it), and a
+    note for each left out."""
+    names, notes = [], []
+    for name in BACKENDS:
+        reason = ops.BACKENDS[name].unavailable_reason("cpu", dtype)
+        if reason is None or name == "extension":
+            names.append(name)
+        else:
+            notes.append(f"fused {name} skipped in {DTYPES[dtype]}: {reason}")
+    return names, notes
+
+
+def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = True,
+            dtype: torch.dtype = torch.float32) -> list[dict]:
     model = random_model(arch, seed=0, calibration_size=16)
     inputs = bench.make_inputs(batch, size, dtype=torch.float32, device="cpu")
-    example = inputs[0].contiguous(memory_format=torch.channels_last)
-    variants = bench.model_variants(model, dtype=torch.float32, device="cpu", backends=("onednn", "extension"),
-                                    example=example, channels_last_eager=False, compile=True)
+    example = inputs[0].to(dtype).contiguous(memory_format=torch.channels_last)
+    variants = bench.model_variants(model, dtype=dtype, device="cpu", backends=fused_backends(dtype)[0],
+                                    example=example, channels_last_eager=dtype != torch.float32, compile=True)
+    if dtype != torch.float32:  # the baseline of the low-precision targets, in the same run
+        fp32_eager = bench.model_variants(model, dtype=torch.float32, device="cpu", backends=(), example=inputs[0],
+                                          channels_last_eager=False)[0]
+        variants.insert(0, dataclasses.replace(fp32_eager, name=EAGER_FP32))
     if peers:
-        variants += bench.peer_variants(model, dtype=torch.float32, device="cpu", example=inputs[0])[0]
+        variants += bench.peer_variants(model, dtype=dtype, device="cpu", example=inputs[0])[0]
     fns, feeds, kinds = {}, {}, {}
     for variant in variants:
-        print(f"{arch} b{batch}: building {variant.name}", file=sys.stderr, flush=True)
+        print(f"{arch} b{batch} {DTYPES[dtype]}: building {variant.name}", file=sys.stderr, flush=True)
         fns[variant.name] = variant.build()
-        feeds[variant.name] = [x.contiguous(memory_format=variant.memory_format) for x in inputs]
+        variant_dtype = torch.float32 if variant.name == EAGER_FP32 else dtype
+        feeds[variant.name] = [x.to(variant_dtype).contiguous(memory_format=variant.memory_format) for x in inputs]
         kinds[variant.name] = variant.kind
     fns[AVX2_OFF] = _with_env("RESNET_FUSED_AVX2_CONV", "0", fns["fused extension"])
     feeds[AVX2_OFF] = feeds["fused extension"]
     kinds[AVX2_OFF] = "fused"
+    baseline = EAGER_FP32 if dtype != torch.float32 else "eager"
     with torch.inference_mode():
         reference = copy.deepcopy(model).double()(inputs[0].double())
-        eager_out = fns["eager"](inputs[0])
+        # Each output is judged against eager's error in its own dtype (peers return float32 logits
+        # computed at the dtype's precision: judged like the dtype).
+        eager_out = {name: fns[name](feeds[name][0]) for name in {baseline, "eager"}}
         errors = {}
         for name, fn in fns.items():
             out = fn(feeds[name][0])
-            verdict = judge(out, eager_out, reference)
+            verdict = judge(out, eager_out[baseline if name == baseline else "eager"].to(out.dtype), reference)
             if not verdict.ok:
-                raise SystemExit(f"{arch} b{batch} {name}: output differs from float64: {verdict}")
+                raise SystemExit(f"{arch} b{batch} {DTYPES[dtype]} {name}: output differs from float64: {verdict}")
             errors[name] = rel_error(out, reference)
     timings = bench.time_interleaved(fns, feeds, rounds=rounds, per_round=3 if batch == 1 else 1,
                                      settle_s=bench.CPU_SETTLE_S)
     medians = {name: t.median_ms for name, t in timings.items()}
     best_peer = min(ms for name, ms in medians.items() if kinds[name] in PEER_KINDS)
     return [
-        {"model": arch, "batch": batch, "variant": name, "kind": kinds[name], "median_ms": ms,
-         "runs": len(timings[name].times_ms), "vs_eager": medians["eager"] / ms, "vs_compile": medians["torch.compile"] / ms,
-         "vs_best_peer": best_peer / ms, "rel_error": errors[name]}
+        {"model": arch, "batch": batch, "dtype": DTYPES[dtype], "variant": name, "kind": kinds[name], "median_ms": ms,
+         "runs": len(timings[name].times_ms), "vs_eager_fp32": medians[baseline] / ms,
+         "vs_compile": medians["torch.compile"] / ms, "vs_best_peer": best_peer / ms, "rel_error": errors[name]}
         for name, ms in medians.items()
     ]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per (model, batch, variant): the median over runs of its median time and ratios, and their range."""
+    """Per (model, batch, dtype, variant): the median over runs of its median time and ratios, and their range."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["model"], r["batch"], r["variant"]), []).append(r)
+        groups.setdefault((r["model"], r["batch"], r["dtype"], r["variant"]), []).append(r)
     summary = []
-    for (model, batch, variant), runs in groups.items():
-        entry = {"model": model, "batch": batch, "variant": variant, "kind": runs[0]["kind"], "runs": len(runs),
+    for (model, batch, dtype, variant), runs in groups.items():
+        entry = {"model": model, "batch": batch, "dtype": dtype, "variant": variant, "kind": runs[0]["kind"], "runs": len(runs),
                  "median_ms": statistics.median(r["median_ms"] for r in runs),
                  "rel_error": max(r["rel_error"] for r in runs)}
         for ratio in RATIOS:
@@ -117,16 +144,18 @@ def _ratio(entry: dict, ratio: str) -> str:
 
 
 def overview(summary: list[dict]) -> list[str]:
-    """One row per model and batch, one column of median ms per variant, and the best fused variant vs the best peer."""
+    """One row per model, batch and dtype, one column of median ms per variant, and the best fused
+    variant vs eager fp32 and vs the best peer."""
     variants = list(dict.fromkeys(r["variant"] for r in summary))
-    lines = ["| model | batch | " + " | ".join(variants) + " | best fused vs best peer |",
-             "|---|---|" + "---|" * (len(variants) + 1)]
-    configs = dict.fromkeys((r["model"], r["batch"]) for r in summary)
-    for model, batch in configs:
-        group = {r["variant"]: r for r in summary if (r["model"], r["batch"]) == (model, batch)}
+    lines = ["| model | batch | dtype | " + " | ".join(variants) + " | best fused vs eager fp32 | best fused vs best peer |",
+             "|---|---|---|" + "---|" * (len(variants) + 2)]
+    configs = dict.fromkeys((r["model"], r["batch"], r["dtype"]) for r in summary)
+    for config in configs:
+        group = {r["variant"]: r for r in summary if (r["model"], r["batch"], r["dtype"]) == config}
         best = max((r for r in group.values() if r["kind"] == "fused"), key=lambda r: r["vs_best_peer"])
         cells = [f"{group[v]['median_ms']:.1f}" if v in group else "-" for v in variants]
-        lines.append(f"| {model} | {batch} | " + " | ".join(cells) + f" | {_ratio(best, 'vs_best_peer')} ({best['variant']}) |")
+        lines.append("| " + " | ".join(str(v) for v in config) + " | " + " | ".join(cells)
+                     + f" | {_ratio(best, 'vs_eager_fp32')} | {_ratio(best, 'vs_best_peer')} ({best['variant']}) |")
     return lines
 
 
@@ -137,19 +166,29 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement this many times")
+    parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (comma-separated)")
     parser.add_argument("--no-peers", action="store_true", help="leave out ONNX Runtime and OpenVINO")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    names = {name: dtype for dtype, name in DTYPES.items()}
+    dtypes = [names.get(d) for d in args.dtype.split(",")]
+    if None in dtypes:
+        parser.error(f"--dtype: choose from {', '.join(names)}, got {args.dtype!r}")
     # Which peers cannot run here, and why (peer_variants builds nothing until a variant is built).
-    notes = [] if args.no_peers else bench.peer_variants(None, dtype=torch.float32, device="cpu", example=None)[1]
+    notes = [note for dtype in dtypes for note in fused_backends(dtype)[1]]
+    if not args.no_peers:
+        notes += dict.fromkeys(
+            note for dtype in dtypes for note in bench.peer_variants(None, dtype=dtype, device="cpu", example=None)[1])
     for note in notes:
         print(f"note: {note}", file=sys.stderr, flush=True)
     rows = []
     for run in range(args.runs):
         for arch in args.models.split(","):
             for batch in (int(b) for b in args.batch.split(",")):
-                rows += [dict(r, run=run) for r in measure(arch, batch, args.rounds, args.size, peers=not args.no_peers)]
-                print(f"run {run + 1}/{args.runs}: {arch} b{batch} done", file=sys.stderr, flush=True)
+                for dtype in dtypes:
+                    rows += [dict(r, run=run) for r in measure(arch, batch, args.rounds, args.size,
+                                                               peers=not args.no_peers, dtype=dtype)]
+                    print(f"run {run + 1}/{args.runs}: {arch} b{batch} {DTYPES[dtype]} done", file=sys.stderr, flush=True)
     summary = summarize(rows)
     env = bench.environment("cpu")
     peers = ", ".join(f"{module} {env[module]}" for module in bench.PEERS if module in env)
@@ -157,17 +196,18 @@ def main(argv=None) -> int:
         f"Interleaved timing (`benchmarks/interleaved.py --rounds {args.rounds} --runs {args.runs}`), {env['cpu_model']} "
         f"(ISA: {' '.join(env['cpu_flags']) or 'none of note'}; torch's kernels: {env['cpu_capability']}), "
         f"torch {torch.__version__}{', ' + peers if peers else ''}, {torch.get_num_threads()} threads, "
-        f"fp32 {args.size}x{args.size}. Each run times the variants round-robin ({args.rounds} rounds); ms and ratios are "
-        f"medians over the {args.runs} run(s), [min-max] over runs. *vs best peer*: the fastest of torch.compile, "
-        "ONNX Runtime and OpenVINO divided by the row.",
+        f"{args.dtype.replace(',', ' and ')} {args.size}x{args.size}. Each run times the variants round-robin "
+        f"({args.rounds} rounds); ms and ratios are medians over the {args.runs} run(s), [min-max] over runs. "
+        "*vs eager fp32*: eager float32 (NCHW) divided by the row; *vs best peer*: the fastest of torch.compile, "
+        "ONNX Runtime and OpenVINO in the row's dtype divided by the row.",
         *(f"Note: {note}." for note in notes),
         "",
         *overview(summary),
         "",
-        "| model | batch | variant | median ms | vs eager | vs compile | vs best peer | rel err vs fp64 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | batch | dtype | variant | median ms | vs eager fp32 | vs compile | vs best peer | rel err vs fp64 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['model']} | {r['batch']} | {r['variant']} | {r['median_ms']:.1f} | "
+    lines += [f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['variant']} | {r['median_ms']:.1f} | "
               + " | ".join(_ratio(r, ratio) for ratio in RATIOS) + f" | {r['rel_error']:.1e} |" for r in summary]
     args.out.mkdir(parents=True, exist_ok=True)
     # What the extension's per-shape timing picked (in the first run; they stay for the process).

@@ -193,9 +193,46 @@ def test_interleaved_script(tmp_path):
         assert r["vs_best_peer"] == pytest.approx(min(peers) / r["median_ms"])
     text = (tmp_path / "interleaved.md").read_text()
     assert text.count("| resnet18 | 1 |") == len(summary) + 1  # the overview's row and one per variant
-    overview = next(line for line in text.splitlines() if line.startswith("| model | batch | eager |"))
+    overview = next(line for line in text.splitlines() if line.startswith("| model | batch | dtype | eager |"))
     assert ("| ONNX Runtime |" in overview) == ort and "OpenVINO" not in overview
     assert f"Note: {note}." in text and result["environment"]["cpu_model"] in text
+    assert all(r["dtype"] == "fp32" and r["vs_eager_fp32"] == pytest.approx(
+        next(e["median_ms"] for e in rows if e["run"] == r["run"] and e["variant"] == "eager") / r["median_ms"])
+        for r in rows)
+
+
+def test_interleaved_script_in_bf16(tmp_path):
+    from resnet_fused import bench, ops
+
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1", "--size", "32",
+         "--rounds", "1", "--dtype", "bf16", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = json.loads((tmp_path / "interleaved.json").read_text())
+    rows, notes = result["rows"], result["notes"]
+    assert {r["dtype"] for r in rows} == {"bf16"}
+    # bf16 variants, plus eager float32 as the baseline of "vs eager fp32"; ONNX Runtime runs float32 only.
+    variants = {"eager fp32", "eager", "eager channels_last", "torch.compile", "fused extension",
+                "fused extension, own kernels off"}
+    onednn_reason = ops.BACKENDS["onednn"].unavailable_reason("cpu", torch.bfloat16)
+    if onednn_reason is None:
+        variants.add("fused onednn")
+    else:
+        assert f"fused onednn skipped in bf16: {onednn_reason}" in notes
+    peers = bench.peer_variants(None, dtype=torch.bfloat16, device="cpu", example=None)
+    variants |= {v.name for v in peers[0]}
+    assert set(peers[1]) <= set(notes) and "ONNX Runtime" not in {r["variant"] for r in rows}
+    assert {r["variant"] for r in rows} == variants
+    fp32 = next(r for r in rows if r["variant"] == "eager fp32")
+    assert fp32["rel_error"] < 1e-5 < max(r["rel_error"] for r in rows)  # the bf16 rows carry bf16's error
+    assert all(r["rel_error"] < 0.1 for r in rows)
+    best = min(r["median_ms"] for r in rows if r["kind"] in ("compile", "peer"))
+    for r in rows:
+        assert r["vs_eager_fp32"] == pytest.approx(fp32["median_ms"] / r["median_ms"])
+        assert r["vs_best_peer"] == pytest.approx(best / r["median_ms"])
+    assert "| resnet18 | 1 | bf16 | eager fp32 |" in (tmp_path / "interleaved.md").read_text()
 
 
 def test_peer_variants_say_why_a_peer_is_left_out(monkeypatch):
@@ -238,6 +275,44 @@ def test_environment_names_the_cpu_and_its_isa(monkeypatch, tmp_path):
                                 "amx_tile", "amx_bf16"]
     for module in bench.PEERS:
         assert (module in env) == (importlib.util.find_spec(module) is not None)
+
+
+def _cpu_check(out, **env):
+    env = {**os.environ, "PYTHON": sys.executable, "CPU_CHECK_MODELS": "resnet18", "CPU_CHECK_BATCH": "1",
+           "CPU_CHECK_SIZE": "32", "CPU_CHECK_ROUNDS": "1", "CPU_CHECK_RUNS": "1", **env}
+    return subprocess.run(["bash", str(BENCHMARKS / "cpu_check.sh"), str(out)], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT, env=env)
+
+
+def test_cpu_check_script(tmp_path):
+    # Every stage at a tiny size, bf16 forced (on CPUs without bf16 instructions it is not run by default).
+    result = _cpu_check(tmp_path, CPU_CHECK_BF16="1", CPU_CHECK_TESTS="tests/test_folding.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "cpu_check.log").read_text()
+    for stage in ("tests", "fp32", "bf16", "per_layer"):
+        assert f"cpu_check: {stage}: exit 0 after" in log, log[-3000:]
+    assert " passed" in (tmp_path / "tests.log").read_text()
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert f"ISA: {' '.join(env['cpu_flags']) or 'none of note'};" in log and "Model name" in (tmp_path / "lscpu.txt").read_text()
+    for dtype in ("fp32", "bf16"):
+        rows = json.loads((tmp_path / dtype / "interleaved.json").read_text())["rows"]
+        assert {r["dtype"] for r in rows} == {dtype} and {r["model"] for r in rows} == {"resnet18"}
+        assert f"| resnet18 | 1 | {dtype} |" in log  # the tables are printed at the end
+    assert json.loads((tmp_path / "per_layer" / "per_layer.json").read_text())["model"] == "resnet18"
+
+
+def test_cpu_check_script_runs_bf16_only_where_the_cpu_has_it(tmp_path):
+    from resnet_fused import bench
+
+    result = _cpu_check(tmp_path, CPU_CHECK_SKIP="tests fp32 bf16 per_layer")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "cpu_check.log").read_text()
+    has_bf16 = {"avx512_bf16", "amx_bf16"} & set(bench.cpu_flags())
+    if has_bf16:
+        assert "cpu_check: bf16: skipped (CPU_CHECK_SKIP)" in log
+    else:
+        assert "cpu_check: bf16: not run: this CPU has neither avx512_bf16 nor amx_bf16" in log
+    assert not (tmp_path / "bf16").exists() and "cpu_check: done, exit 0" in log
 
 
 def test_per_layer_script(tmp_path):
