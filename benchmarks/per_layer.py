@@ -10,8 +10,9 @@ blocked-layout convs, with bias, ReLU and the residual add fused in), matched to
 order and checked by input and weight shape. Medians over the rounds; the two alternate, each
 after 0.1 s of idle (ONNX Runtime's threads spin after a run and take a core from whatever runs
 next). Both are warmed up first, so our per-shape kernel timing is not in the numbers.
-The totals add up the convs only; whole-model latency is benchmarks/interleaved.py's job.
-Writes DIR/per_layer.json and DIR/per_layer.md with --out.
+The totals add up the convs only; whole-model latency is benchmarks/interleaved.py's job. A second
+table sums the convs by kind (stem, 1x1, 3x3, strided), each with its rate in GMAC/s for ours and
+the peer. Writes DIR/per_layer.json and DIR/per_layer.md with --out.
 """
 
 from __future__ import annotations
@@ -105,6 +106,35 @@ def _choice_for(layer: dict, choices: dict[str, str]) -> str:
     return found[0] if len(found) == 1 else "?"
 
 
+def conv_kind(layer: dict) -> str:
+    """The family a conv belongs to, which decides the kernel (ours and the peer's)."""
+    r, s = layer["weight"][2:]
+    stride = layer["stride"][0] if layer["stride"] else 1
+    if r * s > 9:
+        return f"{r}x{s} stem"
+    return f"{r}x{s}" + (f" stride {stride}" if stride != 1 else "")
+
+
+def macs(layer: dict) -> int:
+    """Multiply-adds of the direct convolution (ResNet padding: half the kernel)."""
+    n, c, h, w = layer["x"]
+    k, _, r, s = layer["weight"]
+    stride = layer["stride"][0] if layer["stride"] else 1
+    return n * ((h + 2 * (r // 2) - r) // stride + 1) * ((w + 2 * (s // 2) - s) // stride + 1) * k * c * r * s
+
+
+def by_kind(layers: list[dict]) -> list[dict]:
+    kinds: dict[str, dict] = {}
+    for layer in layers:
+        entry = kinds.setdefault(conv_kind(layer), {"kind": conv_kind(layer), "count": 0, "macs": 0,
+                                                    "ours_ms": 0.0, "ort_ms": 0.0})
+        entry["count"] += 1
+        entry["macs"] += macs(layer)
+        entry["ours_ms"] += layer["ours_ms"]
+        entry["ort_ms"] += layer["ort_ms"]
+    return sorted(kinds.values(), key=lambda e: -e["ours_ms"])
+
+
 def measure(arch: str, batch: int, rounds: int, size: int = 224) -> dict:
     import resnet_fused
     from resnet_fused import bench
@@ -134,6 +164,7 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224) -> dict:
         "environment": bench.environment("cpu"),
         "ours_total_ms": sum(r["ours_ms"] for r in rows),
         "ort_total_ms": sum(r["ort_ms"] for r in rows),
+        "by_kind": by_kind(rows),
         "layers": rows,
     }
 
@@ -158,6 +189,20 @@ def markdown(result: dict) -> str:
                      f"{r['ort_over_ours']:.2f} | {r['kernel']} |")
     lines += ["", f"Convs in all: ours {result['ours_total_ms']:.2f} ms, ONNX Runtime {result['ort_total_ms']:.2f} ms "
                   f"({result['ort_total_ms'] / result['ours_total_ms']:.2f}x).", ""]
+    lines += [
+        "## By kind of conv",
+        "",
+        "GMAC/s: the direct convolution's multiply-adds per second (Winograd does fewer, so its rate can pass the "
+        "machine's FMA peak).",
+        "",
+        "| kind | convs | GMAC | ours ms | ours GMAC/s | ONNX Runtime ms | ORT GMAC/s | ORT / ours |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in result["by_kind"]:
+        gmac = e["macs"] / 1e9
+        lines.append(f"| {e['kind']} | {e['count']} | {gmac:.3f} | {e['ours_ms']:.2f} | {gmac / e['ours_ms'] * 1e3:.0f} | "
+                     f"{e['ort_ms']:.2f} | {gmac / e['ort_ms'] * 1e3:.0f} | {e['ort_ms'] / e['ours_ms']:.2f} |")
+    lines.append("")
     return "\n".join(lines)
 
 

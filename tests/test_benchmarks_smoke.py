@@ -332,5 +332,12 @@ def test_per_layer_script(tmp_path):
     assert sum(layer["residual"] for layer in layers) == 8  # each BasicBlock's second conv
     assert all(layer["ours_ms"] > 0 and layer["ort_ms"] > 0 for layer in layers)
     assert data["ours_total_ms"] == pytest.approx(sum(layer["ours_ms"] for layer in layers))
+    kinds = {e["kind"]: e for e in data["by_kind"]}
+    assert {k: e["count"] for k, e in kinds.items()} == {"7x7 stem": 1, "3x3": 13, "3x3 stride 2": 3, "1x1 stride 2": 3}
+    assert kinds["7x7 stem"]["macs"] == 16 * 16 * 64 * 3 * 49  # 32x32 -> 16x16, 64 filters of 3x7x7
+    assert kinds["1x1 stride 2"]["macs"] == 4 * 4 * 128 * 64 + 2 * 2 * 256 * 128 + 1 * 1 * 512 * 256  # 8x8 -> 4x4 ...
+    assert sum(e["ours_ms"] for e in kinds.values()) == pytest.approx(data["ours_total_ms"])
+    assert sum(e["ort_ms"] for e in kinds.values()) == pytest.approx(data["ort_total_ms"])
     text = (tmp_path / "per_layer.md").read_text()
-    assert text.count("\n| ") == len(layers) + 2 and data["environment"]["device_name"] in text
+    assert text.count("\n| ") == len(layers) + 2 + len(kinds) + 2 and data["environment"]["device_name"] in text
+    assert "| 7x7 stem | 1 | 0.002 |" in text
