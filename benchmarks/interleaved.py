@@ -8,7 +8,9 @@ Variants: eager NCHW (the baseline), torch.compile (inductor, freezing), ONNX Ru
 OpenVINO on an ONNX export of the same model (when installed: ``pip install 'resnet-fused[peers]'``;
 otherwise a note says they were left out; ``--no-peers`` leaves them out), and the fused model on
 each CPU backend; the extension also with its own AVX2 kernels switched off
-(``RESNET_FUSED_AVX2_CONV=0``), which isolates what they add. Every variant's output is checked
+(``RESNET_FUSED_AVX2_CONV=0``), which isolates what they add, and on CPUs with AVX-512 with every GEMM
+on our AVX2 micro-kernel (``RESNET_FUSED_GEMM_CORE=own``: what oneDNN's AVX-512 brgemm under our
+Winograd and implicit GEMM adds). Every variant's output is checked
 against the model in float64 first. "vs best peer" divides the fastest of torch.compile, ONNX
 Runtime and OpenVINO by the row. Writes DIR/interleaved.json and DIR/interleaved.md.
 
@@ -37,6 +39,7 @@ from resnet_fused.accuracy import judge, rel_error
 from resnet_fused.reference import random_model
 
 AVX2_OFF = "fused extension, own kernels off"
+AVX2_CORE = "fused extension, AVX2 GEMM core"
 EAGER_FP32 = "eager fp32"
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 BACKENDS = ("onednn", "extension")  # the CPU backends compared
@@ -57,6 +60,16 @@ def _with_env(name: str, value: str, fn):
             else:
                 os.environ[name] = previous
     return call
+
+
+def extension_switches(cpu_flags: list[str]) -> dict[str, tuple[str, str]]:
+    """The fused extension again under environment switches (variant -> (variable, value)): with our
+    own kernels off (oneDNN only), and on CPUs with AVX-512 with every GEMM on our AVX2 micro-kernel
+    (oneDNN's brgemm, JIT-compiled for AVX-512 there, left out): what each adds on this CPU."""
+    switches = {AVX2_OFF: ("RESNET_FUSED_AVX2_CONV", "0")}
+    if "avx512f" in cpu_flags:
+        switches[AVX2_CORE] = ("RESNET_FUSED_GEMM_CORE", "own")
+    return switches
 
 
 def fused_backends(dtype: torch.dtype) -> tuple[list[str], list[str]]:
@@ -92,9 +105,10 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = T
         variant_dtype = torch.float32 if variant.name == EAGER_FP32 else dtype
         feeds[variant.name] = [x.to(variant_dtype).contiguous(memory_format=variant.memory_format) for x in inputs]
         kinds[variant.name] = variant.kind
-    fns[AVX2_OFF] = _with_env("RESNET_FUSED_AVX2_CONV", "0", fns["fused extension"])
-    feeds[AVX2_OFF] = feeds["fused extension"]
-    kinds[AVX2_OFF] = "fused"
+    for name, (env, value) in extension_switches(bench.cpu_flags()).items():
+        fns[name] = _with_env(env, value, fns["fused extension"])
+        feeds[name] = feeds["fused extension"]
+        kinds[name] = "fused"
     baseline = EAGER_FP32 if dtype != torch.float32 else "eager"
     with torch.inference_mode():
         reference = copy.deepcopy(model).double()(inputs[0].double())

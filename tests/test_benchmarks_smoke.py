@@ -161,6 +161,27 @@ def test_time_interleaved_leaves_the_machine_idle_before_each_turn():
         assert stamps[i + 1][1] - stamps[i][2] < 0.05  # no pause within a turn
 
 
+def _interleaved():
+    spec = importlib.util.spec_from_file_location("benchmarks_interleaved", BENCHMARKS / "interleaved.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _extension_switches() -> set[str]:
+    from resnet_fused import bench
+
+    return set(_interleaved().extension_switches(bench.cpu_flags()))
+
+
+def test_interleaved_compares_the_avx2_gemm_core_on_avx512_cpus():
+    switches = _interleaved().extension_switches
+    off = {"fused extension, own kernels off": ("RESNET_FUSED_AVX2_CONV", "0")}
+    assert switches(["avx2", "fma", "f16c"]) == off
+    assert switches(["avx2", "fma", "avx512f", "avx512_bf16"]) == {
+        **off, "fused extension, AVX2 GEMM core": ("RESNET_FUSED_GEMM_CORE", "own")}
+
+
 def test_interleaved_script(tmp_path):
     # OpenVINO is made to look not installed (an import of it fails), to see the note it leaves;
     # ONNX Runtime runs when installed.
@@ -178,7 +199,7 @@ def test_interleaved_script(tmp_path):
     result = json.loads((tmp_path / "interleaved.json").read_text())
     rows, summary = result["rows"], result["summary"]
     assert note in result["notes"] and (ort or any("ONNX Runtime skipped" in n for n in result["notes"]))
-    variants = {"eager", "torch.compile", "fused onednn", "fused extension", "fused extension, own kernels off"}
+    variants = {"eager", "torch.compile", "fused onednn", "fused extension", *_extension_switches()}
     variants |= {"ONNX Runtime"} if ort else set()
     assert {r["variant"] for r in rows} == variants and sorted(r["run"] for r in rows) == [0] * len(variants) + [1] * len(variants)
     assert all(r["median_ms"] > 0 and r["rel_error"] < 1e-4 for r in rows)
@@ -215,7 +236,7 @@ def test_interleaved_script_in_bf16(tmp_path):
     assert {r["dtype"] for r in rows} == {"bf16"}
     # bf16 variants, plus eager float32 as the baseline of "vs eager fp32"; ONNX Runtime runs float32 only.
     variants = {"eager fp32", "eager", "eager channels_last", "torch.compile", "fused extension",
-                "fused extension, own kernels off"}
+                *_extension_switches()}
     onednn_reason = ops.BACKENDS["onednn"].unavailable_reason("cpu", torch.bfloat16)
     if onednn_reason is None:
         variants.add("fused onednn")
