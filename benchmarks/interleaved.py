@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     env = bench.environment("cpu")
     peers = ", ".join(f"{module} {env[module]}" for module in bench.PEERS if module in env)
     lines = [
-        f"Interleaved timing (`benchmarks/interleaved.py --rounds {args.rounds} --runs {args.runs}`), {env['cpu_model']} "
+        f"Interleaved timing (`benchmarks/interleaved.py --rounds {args.rounds} --runs {args.runs}"
+        f"{'' if args.dtype == 'fp32' else ' --dtype ' + args.dtype}`), {env['cpu_model']} "
         f"(ISA: {' '.join(env['cpu_flags']) or 'none of note'}; torch's kernels: {env['cpu_capability']}), "
         f"torch {torch.__version__}{', ' + peers if peers else ''}, {torch.get_num_threads()} threads, "
         f"{args.dtype.replace(',', ' and ')} {args.size}x{args.size}. Each run times the variants round-robin "
