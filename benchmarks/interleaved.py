@@ -112,13 +112,12 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = T
     baseline = EAGER_FP32 if dtype != torch.float32 else "eager"
     with torch.inference_mode():
         reference = copy.deepcopy(model).double()(inputs[0].double())
+        outs = {name: fn(feeds[name][0]) for name, fn in fns.items()}
+        errors = {}
         # Each output is judged against eager's error in its own dtype (peers return float32 logits
         # computed at the dtype's precision: judged like the dtype).
-        eager_out = {name: fns[name](feeds[name][0]) for name in {baseline, "eager"}}
-        errors = {}
-        for name, fn in fns.items():
-            out = fn(feeds[name][0])
-            verdict = judge(out, eager_out[baseline if name == baseline else "eager"].to(out.dtype), reference)
+        for name, out in outs.items():
+            verdict = judge(out, outs[baseline if name == baseline else "eager"].to(out.dtype), reference)
             if not verdict.ok:
                 raise SystemExit(f"{arch} b{batch} {DTYPES[dtype]} {name}: output differs from float64: {verdict}")
             errors[name] = rel_error(out, reference)
