@@ -40,6 +40,7 @@ from resnet_fused.reference import random_model
 
 AVX2_OFF = "fused extension, own kernels off"
 AVX2_CORE = "fused extension, AVX2 GEMM core"
+NO_NATIVE_BF16 = "fused extension, bf16 on fp32 kernels"
 EAGER_FP32 = "eager fp32"
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 BACKENDS = ("onednn", "extension")  # the CPU backends compared
@@ -62,13 +63,17 @@ def _with_env(name: str, value: str, fn):
     return call
 
 
-def extension_switches(cpu_flags: list[str]) -> dict[str, tuple[str, str]]:
+def extension_switches(cpu_flags: list[str], dtype: torch.dtype = torch.float32) -> dict[str, tuple[str, str]]:
     """The fused extension again under environment switches (variant -> (variable, value)): with our
-    own kernels off (oneDNN only), and on CPUs with AVX-512 with every GEMM on our AVX2 micro-kernel
-    (oneDNN's brgemm, JIT-compiled for AVX-512 there, left out): what each adds on this CPU."""
+    own kernels off (oneDNN only); on CPUs with AVX-512 with every GEMM on our AVX2 micro-kernel
+    (oneDNN's brgemm, JIT-compiled for AVX-512 there, left out); in bf16 on CPUs with AVX512-BF16
+    without our native bf16 kernel (bf16 converted to fp32 for our fp32 kernels): what each adds on
+    this CPU."""
     switches = {AVX2_OFF: ("RESNET_FUSED_AVX2_CONV", "0")}
     if "avx512f" in cpu_flags:
         switches[AVX2_CORE] = ("RESNET_FUSED_GEMM_CORE", "own")
+    if dtype == torch.bfloat16 and "avx512_bf16" in cpu_flags:
+        switches[NO_NATIVE_BF16] = ("RESNET_FUSED_CPU_ISA", "avx2")
     return switches
 
 
@@ -105,7 +110,7 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = T
         variant_dtype = torch.float32 if variant.name == EAGER_FP32 else dtype
         feeds[variant.name] = [x.to(variant_dtype).contiguous(memory_format=variant.memory_format) for x in inputs]
         kinds[variant.name] = variant.kind
-    for name, (env, value) in extension_switches(bench.cpu_flags()).items():
+    for name, (env, value) in extension_switches(bench.cpu_flags(), dtype).items():
         fns[name] = _with_env(env, value, fns["fused extension"])
         feeds[name] = feeds["fused extension"]
         kinds[name] = "fused"

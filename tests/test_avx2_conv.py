@@ -36,6 +36,7 @@ AVX2_CONV_ENV = extension.AVX2_CONV_ENV
 WINOGRAD_TILE_ENV = extension.WINOGRAD_TILE_ENV
 GEMM_CORE_ENV = extension.GEMM_CORE_ENV
 THREAD_SPLIT_ENV = extension.THREAD_SPLIT_ENV
+CPU_ISA_ENV = extension.CPU_ISA_ENV
 # Output tile sides of the two Winograd variants.
 TILES = [2, 4]
 
@@ -184,9 +185,11 @@ def to_dtype(case, dtype):
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=[f"c{s[1]}k{s[2]}_{s[3]}x{s[4]}_{r}x{r}s{st}" for s, r, st, _ in LOW_PRECISION_CASES])
-def test_low_precision_runs_the_fp32_kernels(case, flags, dtype, tile, forced):
+def test_low_precision_runs_the_fp32_kernels(case, flags, dtype, tile, forced, monkeypatch):
     """Bit for bit the fp32 kernel's result on the same (widened) inputs, rounded once: no other
-    rounding on the way; so within the dtype's tolerance of float64, and no worse than eager."""
+    rounding on the way; so within the dtype's tolerance of float64, and no worse than eager. (On a
+    CPU with AVX512-BF16, bf16 would take the native kernel first: test_avx512_bf16_conv.py.)"""
+    monkeypatch.setenv(CPU_ISA_ENV, "avx2")
     shape, kernel, stride, padding = case
     x, weight, bias, residual, relu = to_dtype(
         make_case(shape, flags, "channels_last", kernel=kernel, stride=stride, padding=padding), dtype)
@@ -225,7 +228,7 @@ def test_low_precision_skips_atens_fallback_in_the_timing(dtype, monkeypatch):
     assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
     prefix = f"x 1x16x5x9, weight 32x16x3x3, stride 1, residual, {'BFloat16' if dtype == torch.bfloat16 else 'Half'},"
     lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
-    assert len(lines) == 1 and lines[0].split(": ")[1].startswith("winograd_"), lines
+    assert len(lines) == 1 and lines[0].split(": ")[1].startswith(("winograd_", "implicit_gemm_bf16")), lines
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
@@ -260,8 +263,9 @@ def test_low_precision_beyond_our_kernels_runs_onednn(case, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_low_precision_model_on_own_kernels(arch, dtype, forced):
-    """A whole bf16/fp16 model on our kernels: within twice eager's own error in that dtype."""
+def test_low_precision_model_on_own_kernels(arch, dtype, forced, monkeypatch):
+    """A whole bf16/fp16 model on our fp32 kernels: within twice eager's own error in that dtype."""
+    monkeypatch.setenv(CPU_ISA_ENV, "avx2")
     model = random_model(arch, calibration_size=16)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     fused = resnet_fused.fuse(model, backend="extension", dtype=dtype)

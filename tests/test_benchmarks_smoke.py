@@ -168,18 +168,21 @@ def _interleaved():
     return module
 
 
-def _extension_switches() -> set[str]:
+def _extension_switches(dtype: torch.dtype = torch.float32) -> set[str]:
     from resnet_fused import bench
 
-    return set(_interleaved().extension_switches(bench.cpu_flags()))
+    return set(_interleaved().extension_switches(bench.cpu_flags(), dtype))
 
 
 def test_interleaved_compares_the_avx2_gemm_core_on_avx512_cpus():
     switches = _interleaved().extension_switches
     off = {"fused extension, own kernels off": ("RESNET_FUSED_AVX2_CONV", "0")}
     assert switches(["avx2", "fma", "f16c"]) == off
-    assert switches(["avx2", "fma", "avx512f", "avx512_bf16"]) == {
-        **off, "fused extension, AVX2 GEMM core": ("RESNET_FUSED_GEMM_CORE", "own")}
+    avx512 = {**off, "fused extension, AVX2 GEMM core": ("RESNET_FUSED_GEMM_CORE", "own")}
+    assert switches(["avx2", "fma", "avx512f", "avx512_bf16"]) == avx512
+    assert switches(["avx2", "fma", "avx512f"], torch.bfloat16) == avx512
+    assert switches(["avx2", "fma", "avx512f", "avx512_bf16"], torch.bfloat16) == {
+        **avx512, "fused extension, bf16 on fp32 kernels": ("RESNET_FUSED_CPU_ISA", "avx2")}
 
 
 def test_interleaved_script(tmp_path):
@@ -236,7 +239,7 @@ def test_interleaved_script_in_bf16(tmp_path):
     assert {r["dtype"] for r in rows} == {"bf16"}
     # bf16 variants, plus eager float32 as the baseline of "vs eager fp32"; ONNX Runtime runs float32 only.
     variants = {"eager fp32", "eager", "eager channels_last", "torch.compile", "fused extension",
-                *_extension_switches()}
+                *_extension_switches(torch.bfloat16)}
     onednn_reason = ops.BACKENDS["onednn"].unavailable_reason("cpu", torch.bfloat16)
     if onednn_reason is None:
         variants.add("fused onednn")

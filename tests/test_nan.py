@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
+from resnet_fused import bench
 from resnet_fused.accuracy import judge
 from resnet_fused.backends import extension, onednn
 from resnet_fused.reference import random_model
@@ -152,17 +153,30 @@ def test_conv_non_finite_like_eager(shape, flags, where, layout, bad, path):
     assert_finite_part_close(out, reference_conv_bias_act(x, weight, bias, **kwargs))
 
 
+# (shape, kernel, dtype): every kernel of ours in fp32 and in bf16 (converted), and the native bf16 one.
+OWN_KERNEL_CASES = [
+    (shape, kernel, dtype)
+    for shape, kernel in [("3x3s1", "winograd2"), ("3x3s1", "winograd4"), ("3x3s1", "winograd4_brgemm"),
+                          ("3x3s2", "implicit_gemm"), ("stem7x7s2", "implicit_gemm"),
+                          ("3x3s2", "implicit_gemm_brgemm"), ("stem7x7s2", "implicit_gemm_brgemm")]
+    for dtype in (torch.float32, torch.bfloat16)
+] + [
+    pytest.param(shape, "implicit_gemm_bf16", torch.bfloat16,
+                 marks=pytest.mark.skipif("avx512_bf16" not in bench.cpu_flags(), reason="needs AVX512-BF16"))
+    for shape in ("3x3s1", "stem7x7s2")
+]
+
+
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bad", BAD_VALUES)
-@pytest.mark.parametrize("shape, kernel", [("3x3s1", "winograd2"), ("3x3s1", "winograd4"), ("3x3s1", "winograd4_brgemm"),
-                                           ("3x3s2", "implicit_gemm"), ("stem7x7s2", "implicit_gemm"),
-                                           ("3x3s2", "implicit_gemm_brgemm"), ("stem7x7s2", "implicit_gemm_brgemm")])
+@pytest.mark.parametrize("shape, kernel, dtype", OWN_KERNEL_CASES)
 def test_own_kernels_non_finite_like_eager(shape, kernel, bad, dtype, monkeypatch, nan_filled_empty_exact_fp32):
-    """Our AVX2 kernels by name: the case runs through them (no oneDNN or ATen convolution). Winograd
+    """Our kernels by name: the case runs through them (no oneDNN or ATen convolution). Winograd
     (F(2x2) and F(4x4)) would turn a lone Inf into NaNs (its transforms add and subtract a tile's
     inputs): such calls go to the implicit GEMM, which sums like eager. bf16 runs the same kernels
-    in fp32, converted on the way in and out."""
+    in fp32, converted on the way in and out (RESNET_FUSED_CPU_ISA=avx2), or the native bf16 implicit
+    GEMM where the CPU has AVX512-BF16."""
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "auto" if kernel == "implicit_gemm_bf16" else "avx2")
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     if kernel.startswith("winograd"):
         monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, kernel[len("winograd")])

@@ -23,6 +23,20 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
           const at::Tensor& out, int64_t block, bool split_channels, bool brgemm);
 
+// The same convolution in bf16 with AVX512-BF16 (bf16_gemm.h): x, bias, residual and out bf16,
+// `packed` from pack_weight_bf16; fp32 sums rounded once to bf16 in the store.
+void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+               const at::Tensor& out, int64_t block, bool split_channels);
+
+// The (K, C, R, S) weight packed for conv_bf16: bf16 (K / 16, taps, ceil(reduction / 2), 16, 2), where
+// a tap is one filter position of `reduction` = C channels, or for inputs of few channels (the
+// stem) one filter row of S * C (implicit_gemm_cpu.cpp); an odd reduction is padded with a zero.
+at::Tensor pack_weight_bf16(const at::Tensor& weight);
+
+// Whether this CPU runs conv_bf16 (AVX512-BF16).
+bool can_run_bf16();
+
 // Whether `split_channels` can apply: the output channels' panels divide evenly between the threads.
 bool can_split_channels(int64_t out_channels, int64_t threads);
 

@@ -13,9 +13,11 @@
 #include "implicit_gemm.h"
 
 #include "avx2_gemm.h"
+#include "bf16_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -40,15 +42,32 @@ bool can_split_channels(int64_t out_channels, int64_t threads) {
   return threads > 1 && (out_channels / kPanel) % threads == 0;
 }
 
-void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
-          const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block, bool split_channels, bool brgemm) {
-#if RF_HAVE_X86
+namespace {
+
+bool merges_filter_rows(int64_t channels, int64_t kernel_w) {
+  return kernel_w > 1 && channels < kMergeRowsBelowChannels;
+}
+
+// One work item of a call: `count` output pixels from `first_pixel`, against `panels` panels from
+// `first_panel`. rows[r * taps + t] is pixel r's input row under tap t (`c` channels each).
+template <typename T>
+struct Work {
+  const T* const* rows;
+  int64_t first_pixel, count, first_panel, panels, c, taps;
+};
+
+// The loop every implicit-GEMM convolution shares: merges a few-channel input's filter rows (see the
+// top of the file), shares the work items between the threads, finds each pixel's input rows and
+// hands each item to `gemm` (a Work<T>); `done` runs once per thread after its last item.
+template <typename T, typename Gemm, typename Done>
+void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                        at::IntArrayRef padding, const at::Tensor& out, int64_t block, bool split_channels,
+                        bool need_rows, Gemm&& gemm, Done&& done) {
   const int64_t n = x.size(0), k = out.size(1), p = out.size(2), q = out.size(3);
   int64_t c = x.size(1), h = x.size(2), w = x.size(3);
   int64_t kh = kernel_size[0], kw = kernel_size[1], pad_h = padding[0], pad_w = padding[1];
   at::Tensor input = x;
-  if (kw > 1 && c < kMergeRowsBelowChannels) {
+  if (merges_filter_rows(c, kw)) {
     if (pad_h > 0 || pad_w > 0) {
       // at::zeros has no memory-format argument (it would drop the one in the options).
       input = at::empty({n, c, h + 2 * pad_h, w + 2 * pad_w}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
@@ -63,7 +82,7 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
     kw = 1;
   }
   const int64_t taps = kh * kw;
-  // One input pixel along W is x.size(1) floats, whether or not the taps were merged.
+  // One input pixel along W is x.size(1) elements, whether or not the taps were merged.
   const int64_t pixel_stride = x.size(1);
   const int64_t pixels = n * p * q;
   TORCH_INTERNAL_ASSERT(block >= 1);
@@ -82,21 +101,13 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
     }
   }
   const int64_t group_panels = panels / k_groups;
-  const float* xp = input.const_data_ptr<float>();
-  const float* wp = packed.const_data_ptr<float>();
-  const float* bp = bias.const_data_ptr<float>();
-  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  // A 1x1, stride-1, unpadded conv's rows are the input's pixels as they lie: brgemm reads them in place.
-  const bool rows_in_place = taps == 1 && stride[0] == 1 && stride[1] == 1 && pad_h == 0 && pad_w == 0;
-  const bool need_rows = !(brgemm && rows_in_place);
-  const int64_t reduction = taps * c;
+  const T* xp = input.const_data_ptr<T>();
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<const float*> rows;
-    thread_local std::vector<float> zero;
-    thread_local std::vector<float> gathered;
+    thread_local std::vector<const T*> rows;
+    thread_local std::vector<T> zero;
     rows.resize(split.max_size() * taps);
-    zero.assign(c, 0.f);
+    zero.assign(c, T(0));
+    const T** row = rows.data();
     for (int64_t item = begin; item < end; ++item) {
       // Items in order: by channels, thread t gets group t with every block (its share of the
       // weight read once); by pixels, a thread's items are whole blocks with each of their groups.
@@ -111,42 +122,110 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t yy = y0 + i, xx = x0 + j;
             const bool inside = yy >= 0 && yy < h && xx >= 0 && xx < w;
-            rows[r * taps + i * kw + j] = inside ? xp + ((img * h + yy) * w + xx) * pixel_stride : zero.data();
+            row[r * taps + i * kw + j] = inside ? xp + ((img * h + yy) * w + xx) * pixel_stride : zero.data();
           }
         }
       }
-      const int64_t panel = kg * group_panels, offset = t0 * k + panel * kPanel;
-      if (brgemm) {
-        const float* a = xp + t0 * c;
-        if (!rows_in_place) {
-          // brgemm takes its A rows evenly spaced: each row's taps are copied side by side (an
-          // im2col of this block only, count x taps*C, read back from L1/L2).
-          gathered.resize(count * reduction);
-          for (int64_t i = 0; i < count * taps; ++i) {
-            std::copy_n(rows[i], c, gathered.data() + i * c);
-          }
-          a = gathered.data();
-        }
-        for (int64_t pp = 0; pp < group_panels; ++pp) {
-          float* o = op + offset + pp * kPanel;
-          // The panel (taps*C x 16, row-major) is brgemm's B as it is.
-          at::native::cpublas::brgemm(count, kPanel, reduction, rows_in_place ? c : reduction, kPanel, k, false, a,
-                                      wp + (panel + pp) * reduction * kPanel, o, false);
-          avx2::finish_rows(count, o, k,
-                            avx2::Epilogue{bp + (panel + pp) * kPanel,
-                                           rp == nullptr ? nullptr : rp + offset + pp * kPanel, k, relu});
-        }
-        continue;
-      }
-      avx2::gemm_panels(count, c, taps, rows.data(), wp + panel * taps * c * kPanel, group_panels, op + offset, k,
-                        avx2::Epilogue{bp + panel * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
+      gemm(Work<T>{row, t0, count, kg * group_panels, group_panels, c, taps});
     }
-    if (brgemm) {
-      at::native::cpublas::brgemm_release(false);  // frees AMX tile state where oneDNN used it
-    }
+    done();
   });
+}
+
+}  // namespace
+
+void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+          const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+          const at::Tensor& out, int64_t block, bool split_channels, bool brgemm) {
+#if RF_HAVE_X86
+  const int64_t k = out.size(1);
+  const float* xp = x.const_data_ptr<float>();
+  const float* wp = packed.const_data_ptr<float>();
+  const float* bp = bias.const_data_ptr<float>();
+  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  // A 1x1, stride-1, unpadded conv's rows are the input's pixels as they lie: brgemm reads them in place.
+  const bool rows_in_place = kernel_size[0] * kernel_size[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
+                             padding[0] == 0 && padding[1] == 0;
+  const auto own_gemm = [&](const Work<float>& item) {
+    const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
+    avx2::gemm_panels(item.count, item.c, item.taps, item.rows, wp + item.first_panel * item.taps * item.c * kPanel,
+                      item.panels, op + offset, k,
+                      avx2::Epilogue{bp + item.first_panel * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
+  };
+  const auto brgemm_gemm = [&](const Work<float>& item) {
+    thread_local std::vector<float> gathered;
+    const int64_t reduction = item.taps * item.c;
+    const float* a = xp + item.first_pixel * item.c;
+    if (!rows_in_place) {
+      // brgemm takes its A rows evenly spaced: each row's taps are copied side by side (an
+      // im2col of this block only, count x taps*C, read back from L1/L2).
+      gathered.resize(item.count * reduction);
+      for (int64_t i = 0; i < item.count * item.taps; ++i) {
+        std::copy_n(item.rows[i], item.c, gathered.data() + i * item.c);
+      }
+      a = gathered.data();
+    }
+    for (int64_t pp = item.first_panel; pp < item.first_panel + item.panels; ++pp) {
+      const int64_t offset = item.first_pixel * k + pp * kPanel;
+      // The panel (taps*C x 16, row-major) is brgemm's B as it is.
+      at::native::cpublas::brgemm(item.count, kPanel, reduction, rows_in_place ? item.c : reduction, kPanel, k, false,
+                                  a, wp + pp * reduction * kPanel, op + offset, false);
+      avx2::finish_rows(item.count, op + offset, k,
+                        avx2::Epilogue{bp + pp * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
+    }
+  };
+  if (brgemm) {
+    // brgemm_release frees AMX tile state where oneDNN used it.
+    for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, !rows_in_place, brgemm_gemm,
+                              [] { at::native::cpublas::brgemm_release(false); });
+  } else {
+    for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, true, own_gemm, [] {});
+  }
 #else
   TORCH_CHECK(false, "resnet_fused: the AVX2 implicit-GEMM convolution needs an x86-64 CPU");
+#endif
+}
+
+bool can_run_bf16() {
+  return avx512_bf16::cpu_has_avx512_bf16();
+}
+
+at::Tensor pack_weight_bf16(const at::Tensor& weight) {
+  const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
+  // A few-channel input's filter rows are merged (one tap of S*C channels per filter row), so the
+  // channel pairs run along that merged row: (K, R, S, C) is viewed as (K, taps, reduction).
+  const bool merged = merges_filter_rows(c, s);
+  const int64_t taps = merged ? r : r * s, reduction = merged ? s * c : c;
+  at::Tensor w = weight.to(at::kFloat).permute({0, 2, 3, 1}).reshape({k, taps, reduction});
+  if (reduction % 2 != 0) {
+    w = at::constant_pad_nd(w, {0, 1});  // the lone last channel's partner: a zero weight
+  }
+  // (K / 16, 16, taps, pairs, 2) -> (K / 16, taps, pairs, 16, 2)
+  w = w.reshape({k / kPanel, kPanel, taps, w.size(2) / 2, 2}).permute({0, 2, 3, 1, 4});
+  return w.to(at::kBFloat16).contiguous();
+}
+
+void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+               const at::Tensor& out, int64_t block, bool split_channels) {
+  TORCH_CHECK(can_run_bf16(), "resnet_fused: the bf16 implicit-GEMM convolution needs a CPU with AVX512-BF16");
+#if RF_HAVE_X86
+  const int64_t k = out.size(1);
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
+  const auto* bp = reinterpret_cast<const uint16_t*>(bias.const_data_ptr<at::BFloat16>());
+  const auto* rp =
+      residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->const_data_ptr<at::BFloat16>()) : nullptr;
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto gemm = [&](const Work<at::BFloat16>& item) {
+    const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
+    const int64_t panel_size = item.taps * ((item.c + 1) / 2) * 2 * kPanel;
+    avx512_bf16::gemm_panels(item.count, item.c, item.taps, reinterpret_cast<const uint16_t* const*>(item.rows),
+                             wp + item.first_panel * panel_size, item.panels, op + offset, k,
+                             avx512_bf16::Epilogue{bp + item.first_panel * kPanel,
+                                                   rp == nullptr ? nullptr : rp + offset, k, relu});
+  };
+  for_each_work_item<at::BFloat16>(x, kernel_size, stride, padding, out, block, split_channels, true, gemm, [] {});
 #endif
 }
 

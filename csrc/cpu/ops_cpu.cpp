@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <array>
@@ -360,8 +361,11 @@ constexpr const char* kAvx2ConvEnv = "RESNET_FUSED_AVX2_CONV";
 constexpr const char* kWinogradTileEnv = "RESNET_FUSED_WINOGRAD_TILE";
 constexpr const char* kGemmCoreEnv = "RESNET_FUSED_GEMM_CORE";
 constexpr const char* kThreadSplitEnv = "RESNET_FUSED_THREAD_SPLIT";
+constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 
-enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm };
+// kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (bf16_gemm.h); the
+// others compute in fp32.
+enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16 };
 
 // RESNET_FUSED_WINOGRAD_TILE: 0 (unset or auto: both), 2 or 4.
 int winograd_tile_setting() {
@@ -401,6 +405,23 @@ ThreadSplit thread_split_setting() {
   return value[0] == 'c' ? ThreadSplit::kChannels : ThreadSplit::kPixels;
 }
 
+// RESNET_FUSED_CPU_ISA=avx2 keeps our kernels to AVX2 + FMA code on any CPU, so that a machine
+// with AVX-512 can test and time the paths an AVX2-only one runs; auto (the default) lets them use
+// what the CPU has. It does not reach oneDNN (its convolutions and brgemm): ONEDNN_MAX_CPU_ISA does.
+bool own_isa_capped_at_avx2() {
+  const char* value = std::getenv(kCpuIsaEnv);
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
+    return false;
+  }
+  TORCH_CHECK(std::strcmp(value, "avx2") == 0, "resnet_fused: ", kCpuIsaEnv, " must be avx2 or auto, got '", value,
+              "'");
+  return true;
+}
+
+bool is_implicit_gemm(Kernel kernel) {
+  return kernel == Kernel::kImplicitGemm || kernel == Kernel::kImplicitGemmBf16;
+}
+
 bool is_winograd(Kernel kernel) {
   return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4;
 }
@@ -424,29 +445,41 @@ bool times_gemm_core(Kernel kernel) {
   return is_winograd(kernel) || (kernel == Kernel::kImplicitGemm && cpu_has_avx512());
 }
 
+// Whether `kernel` runs its GEMMs on brgemm under the GEMM core setting (the bf16 kernel has its own only).
+bool on_brgemm(GemmCore core, Kernel kernel) {
+  return core == GemmCore::kBrgemm && kernel != Kernel::kImplicitGemmBf16;
+}
+
 bool is_low_precision(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
 }
 
-// Our kernels that could compute this call, the one to use when forced first; empty if none.
+// Our kernels that could compute this call, the one to use when forced first; empty if none. A bf16
+// call on a CPU with AVX512-BF16 has the native bf16 implicit GEMM first, then the fp32 kernels
+// (on converted activations): Winograd's 2.25-4x fewer multiply-adds can outweigh bf16's 2x rate.
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, int64_t groups) {
   if ((x.scalar_type() != at::kFloat && !is_low_precision(x)) || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
       !avx2::cpu_has_avx2_fma()) {
     return {};
   }
+  std::vector<Kernel> kernels;
+  if (x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !own_isa_capped_at_avx2()) {
+    kernels.push_back(Kernel::kImplicitGemmBf16);
+  }
   const int64_t r = weight.size(2), s = weight.size(3);
   if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1) {
-    switch (winograd_tile_setting()) {
-      case 2:
-        return {Kernel::kWinograd2};
-      case 4:
-        return {Kernel::kWinograd4};
-      default:
-        return {Kernel::kWinograd2, Kernel::kWinograd4};
+    const int tile = winograd_tile_setting();
+    if (tile != 4) {
+      kernels.push_back(Kernel::kWinograd2);
     }
+    if (tile != 2) {
+      kernels.push_back(Kernel::kWinograd4);
+    }
+  } else {
+    kernels.push_back(Kernel::kImplicitGemm);
   }
-  return {Kernel::kImplicitGemm};
+  return kernels;
 }
 
 // Tiles (Winograd) or output pixels (implicit GEMM) per work item. Small blocks keep a block's data in L2; large
@@ -455,7 +488,7 @@ constexpr int64_t kBlockCandidates[] = {12, 48, 192};
 constexpr int64_t kSplitChannelsBlockCandidates[] = {48, 192};
 
 int64_t default_block(const at::Tensor& packed) {
-  return packed.numel() * 4 > (8 << 20) ? 192 : 48;
+  return packed.nbytes() > (8 << 20) ? 192 : 48;
 }
 
 struct Choice {
@@ -466,7 +499,7 @@ struct Choice {
 };
 
 struct ShapeKey {
-  std::array<int64_t, 14> v;  // x sizes, K, kernel size, stride, threads, tile, GEMM core and thread split settings, dtype
+  std::array<int64_t, 15> v;  // x sizes, K, kernel size, stride, threads, tile, GEMM core, thread split and ISA settings, dtype
   bool residual;
   bool operator==(const ShapeKey& o) const {
     return v == o.v && residual == o.residual;
@@ -552,6 +585,8 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
       return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 2); });
     case Kernel::kWinograd4:
       return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 4); });
+    case Kernel::kImplicitGemmBf16:
+      return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight_bf16);
     default:
       return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight);
   }
@@ -577,6 +612,22 @@ at::Tensor computed_in_fp32(const at::Tensor& x, const std::optional<at::Tensor>
   return compute(widened(x), bias32, residual32).to(x.scalar_type());
 }
 
+// Also the profiler's name for a call of the kernel (conv_own), under resnet_fused::conv_bias_act.
+const char* kernel_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::kWinograd2:
+      return "winograd_f2x2";
+    case Kernel::kWinograd4:
+      return "winograd_f4x4";
+    case Kernel::kImplicitGemm:
+      return "implicit_gemm";
+    case Kernel::kImplicitGemmBf16:
+      return "implicit_gemm_bf16";
+    default:
+      return "direct";
+  }
+}
+
 at::Tensor conv_own(
     const Choice& choice,
     const at::Tensor& x,
@@ -587,7 +638,19 @@ at::Tensor conv_own(
     const std::optional<at::Tensor>& residual,
     bool relu,
     const std::array<int64_t, 4>& out_sizes) {
+  RECORD_FUNCTION(kernel_name(choice.kernel), std::vector<c10::IValue>());
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
+  if (choice.kernel == Kernel::kImplicitGemmBf16) {
+    at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
+    std::optional<at::Tensor> r;
+    if (residual.has_value()) {
+      r = residual->contiguous(cl);
+    }
+    implicit_gemm::conv_bf16(x.contiguous(cl), packed_weight(weight, choice.kernel), weight.sizes().slice(2), b, r,
+                             relu, stride, padding, out, choice.block, choice.split_channels);
+    return out;
+  }
   if (is_low_precision(x)) {  // the weight is packed to fp32 once, cached
     return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
                                                    const std::optional<at::Tensor>& residual32) {
@@ -661,19 +724,6 @@ at::Tensor conv_direct(
   return out;
 }
 
-const char* kernel_name(Kernel kernel) {
-  switch (kernel) {
-    case Kernel::kWinograd2:
-      return "winograd_f2x2";
-    case Kernel::kWinograd4:
-      return "winograd_f4x4";
-    case Kernel::kImplicitGemm:
-      return "implicit_gemm";
-    default:
-      return "direct";
-  }
-}
-
 // The choices made by timing, per shape, for the life of the process.
 struct TimedChoices {
   std::mutex mutex;
@@ -706,8 +756,8 @@ Choice choose(
       return Choice{};
     }
     const Kernel kernel = kernels.front();
-    return Choice{kernel, default_block(packed_weight(weight, kernel)), core == GemmCore::kBrgemm,
-                  kernel == Kernel::kImplicitGemm && split == ThreadSplit::kChannels};
+    return Choice{kernel, default_block(packed_weight(weight, kernel)), on_brgemm(core, kernel),
+                  is_implicit_gemm(kernel) && split == ThreadSplit::kChannels};
   }
   TimedChoices& timed = timed_choices();
   // The switches that narrow the candidates are part of the key, so a change of them is obeyed
@@ -715,7 +765,8 @@ Choice choose(
   const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                       stride[0], stride[1], at::get_num_threads(),
                       kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
-                      static_cast<int64_t>(split), static_cast<int64_t>(x.scalar_type())},
+                      static_cast<int64_t>(split), static_cast<int64_t>(own_isa_capped_at_avx2()),
+                      static_cast<int64_t>(x.scalar_type())},
                      residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
@@ -742,14 +793,14 @@ Choice choose(
     };
   };
   for (Kernel kernel : kernels) {
-    const bool igemm = kernel == Kernel::kImplicitGemm;
+    const bool igemm = is_implicit_gemm(kernel);
     const bool by_pixels = !igemm || split != ThreadSplit::kChannels;
     const bool by_channels = igemm && (split == ThreadSplit::kChannels ||
                                        (split == ThreadSplit::kAuto &&
                                         implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())));
     if (by_pixels) {
       for (int64_t block : kBlockCandidates) {
-        options.push_back(Choice{kernel, block, core == GemmCore::kBrgemm});
+        options.push_back(Choice{kernel, block, on_brgemm(core, kernel)});
         candidates.push_back(run(options.back()));
       }
     }
@@ -757,7 +808,7 @@ Choice choose(
       // Channels split between the threads: each reads its share of the weight once. Small
       // blocks would re-read that share once per block.
       for (int64_t block : kSplitChannelsBlockCandidates) {
-        options.push_back(Choice{kernel, block, core == GemmCore::kBrgemm, true});
+        options.push_back(Choice{kernel, block, on_brgemm(core, kernel), true});
         candidates.push_back(run(options.back()));
       }
     }
@@ -826,7 +877,7 @@ std::vector<std::string> cpu_conv_choices() {
     std::ostringstream line;
     line << "x " << v[0] << "x" << v[1] << "x" << v[2] << "x" << v[3] << ", weight " << v[4] << "x" << v[1] << "x"
          << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", "
-         << c10::toString(static_cast<at::ScalarType>(v[13])) << ", " << v[9]
+         << c10::toString(static_cast<at::ScalarType>(v[14])) << ", " << v[9]
          << " threads: " << kernel_name(choice.kernel);
     if (choice.kernel != Kernel::kDirect) {
       line << " block " << choice.block << (choice.brgemm ? " brgemm" : "")

@@ -27,7 +27,10 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM
   with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``);
   bf16 and fp16 calls converted to fp32 on the way in and rounded once on the way out (on a CPU
-  without native bf16 convolutions, ATen's fallback is ~10x slower).
+  without native bf16 convolutions, ATen's fallback is ~10x slower). On a CPU with AVX512-BF16 a
+  bf16 call also has a native bf16 implicit GEMM (``csrc/cpu/bf16_gemm.h``: bf16 operands, fp32
+  sums, the epilogue in fp32 and one rounding to bf16 in the store) for every kernel size, which
+  ``1`` picks first.
   Unset or ``auto``: the first call of each shape times them against the direct convolution, with
   the weight and its packed copies flushed from the CPU caches before each timed run (in a model
   every layer reads its weight from DRAM), and keeps the fastest (the losing Winograd variant's
@@ -50,6 +53,9 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   ``pixels`` (each thread a share of the output pixels; what ``RESNET_FUSED_AVX2_CONV=1`` uses
   unless told) or ``channels`` (each a share of the output channels, so it reads its share of the
   weight once: batch-1 layers on small maps); unset or ``auto``: both are timed.
+- ``RESNET_FUSED_CPU_ISA`` (CPU): ``avx2`` keeps our own kernels to their AVX2 + FMA code on any
+  CPU (no AVX512-BF16 kernel), so that an AVX-512 machine tests and times what an AVX2-only one
+  runs; unset or ``auto``: what the CPU has. oneDNN's code is capped by ``ONEDNN_MAX_CPU_ISA``.
 - ``RESNET_FUSED_CPU_POOL_MB`` (CPU): the outputs of our AVX2 kernels come from a pool of blocks
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed
   activations to the kernel and every forward page-faults them back in, 13% of resnet50's batch-8
@@ -88,6 +94,7 @@ AVX2_CONV_ENV = "RESNET_FUSED_AVX2_CONV"
 WINOGRAD_TILE_ENV = "RESNET_FUSED_WINOGRAD_TILE"
 GEMM_CORE_ENV = "RESNET_FUSED_GEMM_CORE"
 THREAD_SPLIT_ENV = "RESNET_FUSED_THREAD_SPLIT"
+CPU_ISA_ENV = "RESNET_FUSED_CPU_ISA"
 CPU_POOL_ENV = "RESNET_FUSED_CPU_POOL_MB"
 OPS = ("conv_bias_act", "bias_act", "add_relu")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}

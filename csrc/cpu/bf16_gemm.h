@@ -1,0 +1,191 @@
+#pragma once
+// The bf16 GEMM micro-kernel of the implicit-GEMM convolution on CPUs with AVX512-BF16 (Zen 4,
+// Cooper Lake, Sapphire Rapids and later): bf16 activations and weights, fp32 sums, the epilogue
+// (bias, bf16 residual, ReLU) applied in fp32 and the result rounded once to bf16 in the store.
+//
+// VDPBF16PS multiplies 16 pairs of bf16 and adds both products to 16 fp32 sums: one instruction
+// does 32 multiply-adds where an fp32 FMA on the same 512 bits does 16. So the reduction runs over
+// pairs of input channels: the weight is packed (K / 16, taps, ceil(C / 2), 16, 2), one 64-byte
+// vector per channel pair of a 16-channel panel, and each row broadcasts its two adjacent
+// channels (one 32-bit load: channels_last keeps them side by side). An odd C's last channel is
+// broadcast alone (the pair's other half zero, as is its packed weight): reading the next two
+// bytes instead would pull the next pixel's first channel in, and a NaN there times a zero weight
+// would leak a NaN into a pixel that has none.
+//
+// 12 rows x 2 panels = 24 zmm sums + 2 weight vectors + the broadcast: 27 of the 32 zmm registers;
+// per channel pair 14 loads feed 24 VDPBF16PS, so the loads keep up and the panel can stream from
+// L2. Hence no chunking of the reduction as in avx2_gemm.h (whose 6 rows need the panel in L1),
+// and no partial sums parked in the bf16 output.
+//
+// Products of two bf16 are exact in fp32 and the sums are fp32, so the only rounding beyond fp32
+// accumulation is the output's one to bf16. VDPBF16PS treats bf16 denormal inputs as zero (as
+// oneDNN's bf16 convolutions, which use it too); NaN and Inf propagate as in any fp32 sum.
+//
+// Functions carry target(...) so that the extension still loads on CPUs without these
+// instructions; callers check cpu_has_avx512_bf16() first.
+
+#include "avx2_gemm.h"
+
+#include <cstdint>
+#include <cstring>
+
+#if RF_HAVE_X86
+#define RF_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#else
+#define RF_AVX512_BF16
+#endif
+
+namespace resnet_fused {
+namespace avx512_bf16 {
+
+using avx2::kPanel;
+constexpr int kRows = 12;  // rows per micro-kernel call
+
+inline bool cpu_has_avx512_bf16() {
+#if RF_HAVE_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// bias: this panel's 16 (the first panel of the call's); residual: row 0 of the first panel, rows
+// `ld_residual` elements apart; both bf16, widened exactly to fp32 in the store.
+struct Epilogue {
+  const uint16_t* bias = nullptr;
+  const uint16_t* residual = nullptr;
+  int64_t ld_residual = 0;
+  bool relu = false;
+};
+
+#if RF_HAVE_X86
+RF_AVX512_BF16 inline __m512 widen(const uint16_t* p) {
+  // bf16 is the top half of an fp32: shifting the 16 bits up is the exact conversion. (The
+  // all-ones-masked forms compile to the same instructions without GCC 12's -Wmaybe-uninitialized
+  // on the unmasked ones' undefined pass-through operand.)
+  const __m512i bits = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, bits, 16));
+}
+
+RF_AVX512_BF16 inline __m512i broadcast_pair(const uint16_t* p) {
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return _mm512_set1_epi32(pair);
+}
+
+// R rows x P panels: the sums over `taps` taps of `pairs` channel pairs (+ the lone last channel
+// when `odd`), then the epilogue and one bf16 store per 16 outputs. rows[r * row_taps + t] is row
+// r's input under tap t; tap t of panel p is at panel + p * panel_stride + t * tap_stride.
+template <int R, int P>
+RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, int64_t row_taps,
+                                        const uint16_t* const* rows, const uint16_t* panel, int64_t tap_stride,
+                                        int64_t panel_stride, uint16_t* out, int64_t ld_out, const Epilogue& e) {
+  static_assert(R >= 1 && R <= kRows && (P == 1 || P == 2), "1 to 12 rows, 1 or 2 panels");
+  __m512 acc[R][P];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      acc[r][p] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* v[R];
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      v[r] = rows[r * row_taps + t];
+    }
+    const uint16_t* u = panel + t * tap_stride;
+    for (int64_t i = 0; i < pairs; ++i) {
+      __m512bh w[P];
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
+        w[p] = (__m512bh)_mm512_loadu_si512(u + p * panel_stride + i * 2 * kPanel);
+      }
+#pragma GCC unroll 24
+      for (int r = 0; r < R; ++r) {
+        const __m512bh b = (__m512bh)broadcast_pair(v[r] + 2 * i);
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) {
+          acc[r][p] = _mm512_dpbf16_ps(acc[r][p], b, w[p]);
+        }
+      }
+    }
+    if (odd) {
+      __m512bh w[P];
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
+        w[p] = (__m512bh)_mm512_loadu_si512(u + p * panel_stride + pairs * 2 * kPanel);
+      }
+#pragma GCC unroll 24
+      for (int r = 0; r < R; ++r) {
+        const __m512bh b = (__m512bh)_mm512_set1_epi32(v[r][2 * pairs]);
+#pragma GCC unroll 2
+        for (int p = 0; p < P; ++p) {
+          acc[r][p] = _mm512_dpbf16_ps(acc[r][p], b, w[p]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      __m512 s = _mm512_add_ps(acc[r][p], widen(e.bias + p * kPanel));
+      if (e.residual != nullptr) {
+        s = _mm512_add_ps(s, widen(e.residual + r * e.ld_residual + p * kPanel));
+      }
+      if (e.relu) {
+        // Zero where s < 0; a NaN compares false and stays NaN, like torch.relu.
+        s = _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_LT_OQ), s);
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ld_out + p * kPanel), (__m256i)_mm512_cvtneps_pbh(s));
+    }
+  }
+}
+
+template <int P>
+RF_AVX512_BF16 inline void rows_of(int64_t n_rows, int64_t pairs, bool odd, int64_t taps, const uint16_t* const* rows,
+                                   const uint16_t* panel, int64_t tap_stride, int64_t panel_stride, uint16_t* out,
+                                   int64_t ld_out, const Epilogue& e) {
+  switch (n_rows) {
+#define RF_ROWS_CASE(R) \
+  case R: micro_kernel<R, P>(pairs, odd, taps, taps, rows, panel, tap_stride, panel_stride, out, ld_out, e); break;
+    RF_ROWS_CASE(12) RF_ROWS_CASE(11) RF_ROWS_CASE(10) RF_ROWS_CASE(9) RF_ROWS_CASE(8) RF_ROWS_CASE(7)
+    RF_ROWS_CASE(6) RF_ROWS_CASE(5) RF_ROWS_CASE(4) RF_ROWS_CASE(3) RF_ROWS_CASE(2) RF_ROWS_CASE(1)
+#undef RF_ROWS_CASE
+  }
+}
+
+// All `count` output rows against `panels` consecutive panels (each taps x pairs x 32 bf16, panels
+// `panel_stride` apart; output columns 16 apart), two panels and 12 rows at a time; rows holds
+// `taps` pointers per row. `e` is for the first panel and row.
+RF_AVX512_BF16 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const uint16_t* const* rows,
+                                       const uint16_t* panel, int64_t panels, uint16_t* out, int64_t ld_out,
+                                       const Epilogue& e) {
+  const int64_t pairs = c / 2, tap_stride = (c + 1) / 2 * 2 * kPanel, panel_stride = taps * tap_stride;
+  const bool odd = c % 2 != 0;
+  for (int64_t p = 0; p < panels; p += 2) {
+    for (int64_t r = 0; r < count; r += kRows) {
+      Epilogue er = e;
+      er.bias += p * kPanel;
+      if (e.residual != nullptr) {
+        er.residual += r * e.ld_residual + p * kPanel;
+      }
+      const int64_t n_rows = std::min<int64_t>(kRows, count - r);
+      const uint16_t* const* rr = rows + r * taps;
+      uint16_t* o = out + r * ld_out + p * kPanel;
+      if (p + 1 < panels) {
+        rows_of<2>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er);
+      } else {
+        rows_of<1>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er);
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace avx512_bf16
+}  // namespace resnet_fused
