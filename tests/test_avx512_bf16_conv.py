@@ -1,8 +1,10 @@
-"""The native bf16 implicit GEMM (csrc/cpu/bf16_gemm.h) on CPUs with AVX512-BF16: bf16 operands,
-fp32 sums, the epilogue in fp32, one rounding to bf16. RESNET_FUSED_AVX2_CONV=1 picks it first for
-bf16 calls on such a CPU; RESNET_FUSED_CPU_ISA=avx2 takes it out (the fp32 kernels on converted
-activations, as on an AVX2-only CPU). Skipped, saying so, where the CPU lacks AVX512-BF16: there
-the kernel is never a candidate (test_avx2_conv.py covers what such CPUs run)."""
+"""Our kernels on the bf16 GEMM core (csrc/cpu/bf16_gemm.h), on CPUs with AVX512-BF16: the
+implicit GEMM on bf16 operands (fp32 sums, the epilogue in fp32, one rounding to bf16) and Winograd
+F(2x2, 3x3) with its transformed points rounded to bf16. RESNET_FUSED_AVX2_CONV=1 picks them first
+for bf16 calls on such a CPU (Winograd for 3x3 stride 1 unless RESNET_FUSED_WINOGRAD_TILE=off);
+RESNET_FUSED_CPU_ISA=avx2 takes them out (the fp32 kernels on converted activations, as on an
+AVX2-only CPU). Skipped, saying so, where the CPU lacks AVX512-BF16: there they are never
+candidates (test_avx2_conv.py covers what such CPUs run)."""
 
 from __future__ import annotations
 
@@ -32,20 +34,29 @@ pytestmark = [
 CASES = [tuple(s) for s in SHAPES_IGEMM] + [(*s, 3, 1, 1) for s in SHAPES]
 
 
-def native_bf16_ran(call) -> bool:
-    """Whether the call ran the native kernel (the profiler scope the extension opens around each
-    call of one of our kernels) and no convolution op. A first call, unprofiled, packs the weight
-    and, unforced, times the candidates."""
+def kernel_ran(call, kernel: str = "implicit_gemm_bf16") -> bool:
+    """Whether the call ran `kernel` (the profiler scope the extension opens around each call of one
+    of our kernels) and no convolution op. A first call, unprofiled, packs the weight and, unforced,
+    times the candidates."""
     call()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         call()
     names = {e.name for e in prof.events()}
-    return "implicit_gemm_bf16" in names and not any("convolution" in name for name in names)
+    return kernel in names and not any("convolution" in name for name in names)
 
 
 @pytest.fixture
 def native(monkeypatch, nan_filled_empty_exact_fp32):
+    """Forced onto the bf16 implicit GEMM, 3x3 stride-1 convs included (no Winograd)."""
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
+    monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "off")
+    monkeypatch.delenv(extension.CPU_ISA_ENV, raising=False)
+
+
+@pytest.fixture
+def winograd_bf16(monkeypatch, nan_filled_empty_exact_fp32):
+    monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
+    monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "2")
     monkeypatch.delenv(extension.CPU_ISA_ENV, raising=False)
 
 
@@ -64,7 +75,7 @@ def test_native_bf16_matches_float64(case, flags, layout, split, native, monkeyp
     monkeypatch.setenv(extension.THREAD_SPLIT_ENV, split)
     (x, weight, bias, residual, relu), stride, padding = bf16_case(case, flags, layout)
     call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
-    assert native_bf16_ran(call)
+    assert kernel_ran(call)
     out = call()
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.contiguous_format if layout == "nchw" else torch.channels_last)
@@ -73,6 +84,27 @@ def test_native_bf16_matches_float64(case, flags, layout, split, native, monkeyp
     eager = F.conv2d(x, weight, bias, stride, padding)
     eager = eager + residual if residual is not None else eager
     assert_within_eager_error(out, eager.relu() if relu else eager, ref)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
+def test_winograd_bf16_matches_float64(shape, flags, layout, winograd_bf16):
+    """F(2x2) on the bf16 core (odd sizes: partial tiles; odd C: the lone last channel): within
+    bf16's tolerance of float64, and within 3x eager bf16's error on one conv. WHY 3x: eager rounds
+    a lone conv once, while F(2x2) also rounds its transformed inputs and weights to bf16 (measured
+    here 2.0-2.5x eager's error per conv; whole models, where eager rounds after every op, stay
+    within 2x eager's: test_bf16_model_on_the_bf16_core)."""
+    (x, weight, bias, residual, relu), stride, padding = bf16_case((*shape, 3, 1, 1), flags, layout)
+    call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
+    assert kernel_ran(call, "winograd_f2x2_bf16")
+    out = call()
+    assert out.dtype == torch.bfloat16
+    ref = reference(x, weight, bias, residual, relu, stride, padding)
+    assert_close(out, ref)
+    eager = F.conv2d(x, weight, bias, stride, padding)
+    eager = eager + residual if residual is not None else eager
+    assert_within_eager_error(out, eager.relu() if relu else eager, ref, factor=3.0)
 
 
 def test_native_bf16_rounds_once(native):
@@ -115,7 +147,7 @@ def test_isa_switch_takes_the_native_kernel_out(native, monkeypatch):
     (x, weight, bias, residual, relu), stride, padding = bf16_case((1, 32, 32, 6, 5, 1, 1, 0), (True, True, True))
     monkeypatch.setenv(extension.CPU_ISA_ENV, "avx2")
     call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
-    assert own_kernel_ran(call) and not native_bf16_ran(call)
+    assert own_kernel_ran(call) and not kernel_ran(call)
     monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512")
     with pytest.raises(RuntimeError, match="RESNET_FUSED_CPU_ISA must be avx2 or auto"):
         call()
@@ -135,14 +167,18 @@ def test_native_bf16_is_a_timed_candidate(monkeypatch):
     assert len(lines) == 1, lines
 
 
+@pytest.mark.parametrize("winograd", ["off", "2"], ids=["implicit_gemm", "winograd"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_bf16_model_on_the_native_kernel(arch, native):
-    """A whole bf16 model with every conv on the native kernel: within twice eager bf16's error."""
+def test_bf16_model_on_the_bf16_core(arch, winograd, native, monkeypatch):
+    """A whole bf16 model with every conv on the bf16 core (3x3 stride 1 on the implicit GEMM or on
+    Winograd): within twice eager bf16's error."""
+    monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, winograd)
     model = random_model(arch, calibration_size=16)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
     fused = resnet_fused.fuse(model, backend="extension", dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert native_bf16_ran(lambda: fused(x))
+        assert kernel_ran(lambda: fused(x))
+        assert (winograd == "2") == kernel_ran(lambda: fused(x), "winograd_f2x2_bf16")
         out = fused(x)
         eager = copy.deepcopy(model).bfloat16()(x)
         ref = copy.deepcopy(model).double()(x.double())

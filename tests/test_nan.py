@@ -161,9 +161,10 @@ OWN_KERNEL_CASES = [
                           ("3x3s2", "implicit_gemm_brgemm"), ("stem7x7s2", "implicit_gemm_brgemm")]
     for dtype in (torch.float32, torch.bfloat16)
 ] + [
-    pytest.param(shape, "implicit_gemm_bf16", torch.bfloat16,
+    pytest.param(shape, kernel, torch.bfloat16,
                  marks=pytest.mark.skipif("avx512_bf16" not in bench.cpu_flags(), reason="needs AVX512-BF16"))
-    for shape in ("3x3s1", "stem7x7s2")
+    for shape, kernel in [("3x3s1", "implicit_gemm_bf16"), ("stem7x7s2", "implicit_gemm_bf16"),
+                          ("3x3s1", "winograd2_bf16")]
 ]
 
 
@@ -174,12 +175,15 @@ def test_own_kernels_non_finite_like_eager(shape, kernel, bad, dtype, monkeypatc
     """Our kernels by name: the case runs through them (no oneDNN or ATen convolution). Winograd
     (F(2x2) and F(4x4)) would turn a lone Inf into NaNs (its transforms add and subtract a tile's
     inputs): such calls go to the implicit GEMM, which sums like eager. bf16 runs the same kernels
-    in fp32, converted on the way in and out (RESNET_FUSED_CPU_ISA=avx2), or the native bf16 implicit
-    GEMM where the CPU has AVX512-BF16."""
-    monkeypatch.setenv(extension.CPU_ISA_ENV, "auto" if kernel == "implicit_gemm_bf16" else "avx2")
+    in fp32, converted on the way in and out (RESNET_FUSED_CPU_ISA=avx2), or, where the CPU has
+    AVX512-BF16, the bf16 core's implicit GEMM and F(2x2)."""
+    bf16_core = kernel.endswith("_bf16")
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "auto" if bf16_core else "avx2")
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     if kernel.startswith("winograd"):
         monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, kernel[len("winograd")])
+    elif bf16_core:
+        monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "off")
     monkeypatch.setenv(extension.GEMM_CORE_ENV, "brgemm" if kernel.endswith("brgemm") else "own")
     x, weight, bias, kwargs = make_case(shape, "bias_res_relu", "channels_last")
     x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)

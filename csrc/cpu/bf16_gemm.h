@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if RF_HAVE_X86
 #define RF_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -76,12 +77,13 @@ RF_AVX512_BF16 inline __m512i broadcast_pair(const uint16_t* p) {
 }
 
 // R rows x P panels: the sums over `taps` taps of `pairs` channel pairs (+ the lone last channel
-// when `odd`), then the epilogue and one bf16 store per 16 outputs. rows[r * row_taps + t] is row
-// r's input under tap t; tap t of panel p is at panel + p * panel_stride + t * tap_stride.
-template <int R, int P>
+// when `odd`), then one store per 16 outputs: into bf16 (Out = uint16_t) after the epilogue, or the
+// raw fp32 sums (Out = float, `e` unused: Winograd's transformed points). rows[r * row_taps + t] is
+// row r's input under tap t; tap t of panel p is at panel + p * panel_stride + t * tap_stride.
+template <int R, int P, typename Out>
 RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, int64_t row_taps,
                                         const uint16_t* const* rows, const uint16_t* panel, int64_t tap_stride,
-                                        int64_t panel_stride, uint16_t* out, int64_t ld_out, const Epilogue& e) {
+                                        int64_t panel_stride, Out* out, int64_t ld_out, const Epilogue& e) {
   static_assert(R >= 1 && R <= kRows && (P == 1 || P == 2), "1 to 12 rows, 1 or 2 panels");
   __m512 acc[R][P];
 #pragma GCC unroll 24
@@ -133,6 +135,10 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
     for (int p = 0; p < P; ++p) {
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm512_storeu_ps(out + r * ld_out + p * kPanel, acc[r][p]);
+        continue;
+      }
       __m512 s = _mm512_add_ps(acc[r][p], widen(e.bias + p * kPanel));
       if (e.residual != nullptr) {
         s = _mm512_add_ps(s, widen(e.residual + r * e.ld_residual + p * kPanel));
@@ -146,13 +152,13 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
   }
 }
 
-template <int P>
+template <int P, typename Out>
 RF_AVX512_BF16 inline void rows_of(int64_t n_rows, int64_t pairs, bool odd, int64_t taps, const uint16_t* const* rows,
-                                   const uint16_t* panel, int64_t tap_stride, int64_t panel_stride, uint16_t* out,
+                                   const uint16_t* panel, int64_t tap_stride, int64_t panel_stride, Out* out,
                                    int64_t ld_out, const Epilogue& e) {
   switch (n_rows) {
 #define RF_ROWS_CASE(R) \
-  case R: micro_kernel<R, P>(pairs, odd, taps, taps, rows, panel, tap_stride, panel_stride, out, ld_out, e); break;
+  case R: micro_kernel<R, P, Out>(pairs, odd, taps, taps, rows, panel, tap_stride, panel_stride, out, ld_out, e); break;
     RF_ROWS_CASE(12) RF_ROWS_CASE(11) RF_ROWS_CASE(10) RF_ROWS_CASE(9) RF_ROWS_CASE(8) RF_ROWS_CASE(7)
     RF_ROWS_CASE(6) RF_ROWS_CASE(5) RF_ROWS_CASE(4) RF_ROWS_CASE(3) RF_ROWS_CASE(2) RF_ROWS_CASE(1)
 #undef RF_ROWS_CASE
@@ -161,22 +167,25 @@ RF_AVX512_BF16 inline void rows_of(int64_t n_rows, int64_t pairs, bool odd, int6
 
 // All `count` output rows against `panels` consecutive panels (each taps x pairs x 32 bf16, panels
 // `panel_stride` apart; output columns 16 apart), two panels and 12 rows at a time; rows holds
-// `taps` pointers per row. `e` is for the first panel and row.
+// `taps` pointers per row. `e` is for the first panel and row (bf16 output only).
+template <typename Out>
 RF_AVX512_BF16 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const uint16_t* const* rows,
-                                       const uint16_t* panel, int64_t panels, uint16_t* out, int64_t ld_out,
+                                       const uint16_t* panel, int64_t panels, Out* out, int64_t ld_out,
                                        const Epilogue& e) {
   const int64_t pairs = c / 2, tap_stride = (c + 1) / 2 * 2 * kPanel, panel_stride = taps * tap_stride;
   const bool odd = c % 2 != 0;
   for (int64_t p = 0; p < panels; p += 2) {
     for (int64_t r = 0; r < count; r += kRows) {
       Epilogue er = e;
-      er.bias += p * kPanel;
+      if (e.bias != nullptr) {
+        er.bias += p * kPanel;
+      }
       if (e.residual != nullptr) {
         er.residual += r * e.ld_residual + p * kPanel;
       }
       const int64_t n_rows = std::min<int64_t>(kRows, count - r);
       const uint16_t* const* rr = rows + r * taps;
-      uint16_t* o = out + r * ld_out + p * kPanel;
+      Out* o = out + r * ld_out + p * kPanel;
       if (p + 1 < panels) {
         rows_of<2>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er);
       } else {

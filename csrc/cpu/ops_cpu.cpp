@@ -363,18 +363,23 @@ constexpr const char* kGemmCoreEnv = "RESNET_FUSED_GEMM_CORE";
 constexpr const char* kThreadSplitEnv = "RESNET_FUSED_THREAD_SPLIT";
 constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 
-// kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (bf16_gemm.h); the
-// others compute in fp32.
-enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16 };
+// kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (bf16_gemm.h);
+// kWinograd2Bf16: F(2x2, 3x3) with its transformed points rounded to bf16 for the same GEMM core
+// (transforms in fp32); the others compute in fp32.
+enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16, kWinograd2Bf16 };
 
-// RESNET_FUSED_WINOGRAD_TILE: 0 (unset or auto: both), 2 or 4.
+// RESNET_FUSED_WINOGRAD_TILE: 0 (unset or auto: both), 2 or 4; -1 (off): no Winograd, the 3x3
+// stride-1 convs then take the implicit GEMM like any other (the direct convolution's rounding).
 int winograd_tile_setting() {
   const char* value = std::getenv(kWinogradTileEnv);
   if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
     return 0;
   }
+  if (std::strcmp(value, "off") == 0) {
+    return -1;
+  }
   TORCH_CHECK(std::strcmp(value, "2") == 0 || std::strcmp(value, "4") == 0, "resnet_fused: ", kWinogradTileEnv,
-              " must be 2, 4 or auto, got '", value, "'");
+              " must be 2, 4, off or auto, got '", value, "'");
   return value[0] - '0';
 }
 
@@ -423,7 +428,12 @@ bool is_implicit_gemm(Kernel kernel) {
 }
 
 bool is_winograd(Kernel kernel) {
-  return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4;
+  return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4 || kernel == Kernel::kWinograd2Bf16;
+}
+
+// The kernels whose GEMMs run on the bf16 core (bf16 calls on CPUs with AVX512-BF16 only).
+bool on_bf16_core(Kernel kernel) {
+  return kernel == Kernel::kImplicitGemmBf16 || kernel == Kernel::kWinograd2Bf16;
 }
 
 // Whether oneDNN can generate wider brgemm code than our AVX2 micro-kernel on this CPU.
@@ -442,12 +452,12 @@ bool cpu_has_avx512() {
 // was neutral (resnet50 b1 1.00x, resnet18 b1 0.97x, b8 1.02x, whole-model medians of 60 and 12
 // alternating forwards) and made resnet50's first forward 38% (b1) and 23% (b8) longer.
 bool times_gemm_core(Kernel kernel) {
-  return is_winograd(kernel) || (kernel == Kernel::kImplicitGemm && cpu_has_avx512());
+  return (is_winograd(kernel) && !on_bf16_core(kernel)) || (kernel == Kernel::kImplicitGemm && cpu_has_avx512());
 }
 
-// Whether `kernel` runs its GEMMs on brgemm under the GEMM core setting (the bf16 kernel has its own only).
+// Whether `kernel` runs its GEMMs on brgemm under the GEMM core setting (the bf16 kernels have their own only).
 bool on_brgemm(GemmCore core, Kernel kernel) {
-  return core == GemmCore::kBrgemm && kernel != Kernel::kImplicitGemmBf16;
+  return core == GemmCore::kBrgemm && !on_bf16_core(kernel);
 }
 
 bool is_low_precision(const at::Tensor& x) {
@@ -455,8 +465,9 @@ bool is_low_precision(const at::Tensor& x) {
 }
 
 // Our kernels that could compute this call, the one to use when forced first; empty if none. A bf16
-// call on a CPU with AVX512-BF16 has the native bf16 implicit GEMM first, then the fp32 kernels
-// (on converted activations): Winograd's 2.25-4x fewer multiply-adds can outweigh bf16's 2x rate.
+// call on a CPU with AVX512-BF16 has the kernels on the bf16 core first (Winograd F(2x2) for 3x3
+// stride 1, else the implicit GEMM), then the fp32 kernels on converted activations (F(4x4)'s 4x
+// fewer multiply-adds can outweigh bf16's 2x rate).
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, int64_t groups) {
   if ((x.scalar_type() != at::kFloat && !is_low_precision(x)) || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
@@ -464,12 +475,17 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
     return {};
   }
   std::vector<Kernel> kernels;
-  if (x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !own_isa_capped_at_avx2()) {
-    kernels.push_back(Kernel::kImplicitGemmBf16);
-  }
+  const bool bf16_core =
+      x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !own_isa_capped_at_avx2();
   const int64_t r = weight.size(2), s = weight.size(3);
-  if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1) {
-    const int tile = winograd_tile_setting();
+  const int tile = winograd_tile_setting();
+  if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1 && tile >= 0) {
+    if (tile != 4 && bf16_core) {
+      kernels.push_back(Kernel::kWinograd2Bf16);
+    }
+    if (bf16_core) {
+      kernels.push_back(Kernel::kImplicitGemmBf16);
+    }
     if (tile != 4) {
       kernels.push_back(Kernel::kWinograd2);
     }
@@ -477,6 +493,9 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
       kernels.push_back(Kernel::kWinograd4);
     }
   } else {
+    if (bf16_core) {
+      kernels.push_back(Kernel::kImplicitGemmBf16);
+    }
     kernels.push_back(Kernel::kImplicitGemm);
   }
   return kernels;
@@ -587,6 +606,8 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
       return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 4); });
     case Kernel::kImplicitGemmBf16:
       return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight_bf16);
+    case Kernel::kWinograd2Bf16:
+      return own_kernel_weights().get(weight, key, winograd::transform_weight_bf16);
     default:
       return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight);
   }
@@ -623,6 +644,8 @@ const char* kernel_name(Kernel kernel) {
       return "implicit_gemm";
     case Kernel::kImplicitGemmBf16:
       return "implicit_gemm_bf16";
+    case Kernel::kWinograd2Bf16:
+      return "winograd_f2x2_bf16";
     default:
       return "direct";
   }

@@ -20,9 +20,11 @@
 #include "winograd.h"
 
 #include "avx2_gemm.h"
+#include "bf16_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -48,6 +50,18 @@ struct VecOps {
   RF_AVX2 __m256 mul(__m256 a, float k) const { return _mm256_mul_ps(a, _mm256_set1_ps(k)); }
   RF_AVX2 __m256 load(const float* p) const { return _mm256_loadu_ps(p); }
   RF_AVX2 void store(float* p, __m256 v) const { _mm256_storeu_ps(p, v); }
+  // Rounded to bf16 (nearest, ties to even, NaN kept NaN) as c10::BFloat16 rounds, so the scalar
+  // tail's channels round alike: the bf16 GEMM core's transformed inputs.
+  RF_AVX2 void store(uint16_t* p, __m256 v) const {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    // 8 x 32-bit lanes, each holding its bf16 in the low half -> 8 x 16 bits.
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
 };
 
 struct ScalarOps {
@@ -57,6 +71,7 @@ struct ScalarOps {
   float mul(float a, float k) const { return a * k; }
   float load(const float* p) const { return *p; }
   void store(float* p, float v) const { *p = v; }
+  void store(uint16_t* p, float v) const { *p = c10::BFloat16(v).x; }
 };
 #endif
 
@@ -134,8 +149,8 @@ struct Geometry {
 // `plane` floats apart. WHY in registers: the two passes went through a scratch row buffer, and at
 // C = 64 the input transform took 63% of the GEMMs' time; here each input is loaded once and each
 // output stored once.
-template <int M, typename V, typename Ops>
-RF_AVX2 inline void input_tile(const float* const (&d)[Tile<M>::kT][Tile<M>::kT], int64_t ch, int64_t plane, float* out,
+template <int M, typename V, typename Ops, typename Out>
+RF_AVX2 inline void input_tile(const float* const (&d)[Tile<M>::kT][Tile<M>::kT], int64_t ch, int64_t plane, Out* out,
                                Ops o) {
   constexpr int T = Tile<M>::kT;
   V cols[T][T];  // cols[j] = B^T applied to column j of the patch
@@ -158,10 +173,11 @@ RF_AVX2 inline void input_tile(const float* const (&d)[Tile<M>::kT][Tile<M>::kT]
   }
 }
 
-// Each tile's (M+2)^2 patch -> B^T d B, written as (M+2)^2 rows of `plane` stride.
-template <int M>
+// Each tile's (M+2)^2 patch -> B^T d B, written as (M+2)^2 rows of `plane` stride: fp32, or bf16
+// (Out = uint16_t) for the bf16 GEMM core.
+template <int M, typename Out>
 RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t count, const float* zero,
-                             float* v) {
+                             Out* v) {
   constexpr int T = Tile<M>::kT;
   const int64_t c = g.c;
   const int64_t plane = count * c;
@@ -176,7 +192,7 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
         d[i][j] = (yy < 0 || yy >= g.h || xx < 0 || xx >= g.w) ? zero : x + ((img * g.h + yy) * g.w + xx) * c;
       }
     }
-    float* out = v + u * c;
+    Out* out = v + u * c;
     int64_t ch = 0;
     for (; ch + 8 <= c; ch += 8) {
       input_tile<M, __m256>(d, ch, plane, out, VecOps{});
@@ -274,8 +290,14 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
     k_groups *= 2;
   }
   const int64_t kc = g.k / k_groups;
+  // A bf16 transformed weight (transform_weight_bf16) means the GEMMs run on the bf16 core.
+  const bool bf16 = u.scalar_type() == at::kBFloat16;
+  TORCH_INTERNAL_ASSERT(!(bf16 && brgemm));
+  // Elements of one transformed point's 16-channel panel: C fp32, or C rounded up to pairs of bf16.
+  const int64_t panel_len = bf16 ? (g.c + 1) / 2 * 2 * kPanel : g.c * kPanel;
   const float* xp = x.const_data_ptr<float>();
-  const float* up = u.const_data_ptr<float>();
+  const float* up = bf16 ? nullptr : u.const_data_ptr<float>();
+  const auto* up16 = bf16 ? reinterpret_cast<const uint16_t*>(u.const_data_ptr<at::BFloat16>()) : nullptr;
   const float* bp = bias.const_data_ptr<float>();
   const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
   float* yp = out.data_ptr<float>();
@@ -289,26 +311,42 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
       scratch.resize(need);
     }
     float* v = scratch.data();
+    auto* v16 = reinterpret_cast<uint16_t*>(v);  // the bf16 core's transformed inputs (half of v's room)
     float* m = v + kFreq * block * g.c;
     float* zero = m + kFreq * block * kc;
     std::fill(zero, zero + g.c, 0.f);
     thread_local std::vector<const float*> row_ptrs;
+    thread_local std::vector<const uint16_t*> row_ptrs16;
     row_ptrs.resize(block);
+    row_ptrs16.resize(block);
     int64_t cached_block = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / k_groups, kg = item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
-        input_transform<M>(xp, g, t0, count, zero, v);
+        if (bf16) {
+          input_transform<M>(xp, g, t0, count, zero, v16);
+        } else {
+          input_transform<M>(xp, g, t0, count, zero, v);
+        }
         cached_block = blk;
       }
       for (int64_t f = 0; f < kFreq; ++f) {
+        float* c = m + f * count * kc;
+        if (bf16) {
+          const uint16_t* a = v16 + f * count * g.c;
+          for (int64_t r = 0; r < count; ++r) {
+            row_ptrs16[r] = a + r * g.c;
+          }
+          avx512_bf16::gemm_panels(count, g.c, 1, row_ptrs16.data(), up16 + (f * panels + kg * (kc / kPanel)) * panel_len,
+                                   kc / kPanel, c, kc, avx512_bf16::Epilogue{});
+          continue;
+        }
         const float* a = v + f * count * g.c;  // this point's rows, one per tile, g.c floats apart
         for (int64_t r = 0; r < count && !brgemm; ++r) {
           row_ptrs[r] = a + r * g.c;
         }
-        const float* group = up + (f * panels + kg * (kc / kPanel)) * g.c * kPanel;
-        float* c = m + f * count * kc;
+        const float* group = up + (f * panels + kg * (kc / kPanel)) * panel_len;
         if (brgemm) {
           for (int64_t p = 0; p < kc / kPanel; ++p) {
             // The panel (C x 16, row-major) is brgemm's B as it is.
@@ -368,6 +406,16 @@ at::Tensor transform_weight_tiles(const at::Tensor& weight) {
 at::Tensor transform_weight(const at::Tensor& weight, int64_t tile) {
   TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4);
   return tile == 2 ? transform_weight_tiles<2>(weight) : transform_weight_tiles<4>(weight);
+}
+
+at::Tensor transform_weight_bf16(const at::Tensor& weight) {
+  TORCH_CHECK(avx512_bf16::cpu_has_avx512_bf16(), "resnet_fused: the bf16 Winograd GEMMs need a CPU with AVX512-BF16");
+  at::Tensor u = transform_weight_tiles<2>(weight);  // (16, K / 16, C, 16) fp32
+  if (u.size(2) % 2 != 0) {
+    u = at::constant_pad_nd(u, {0, 0, 0, 1});  // an odd C's lone last channel pairs with a zero
+  }
+  // (16, K / 16, C / 2, 2, 16) -> (16, K / 16, C / 2, 16, 2): the channel pairs of bf16_gemm.h.
+  return u.reshape({u.size(0), u.size(1), u.size(2) / 2, 2, kPanel}).permute({0, 1, 2, 4, 3}).to(at::kBFloat16).contiguous();
 }
 
 bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
