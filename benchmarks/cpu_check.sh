@@ -88,7 +88,7 @@ stage fp32 "$PY" benchmarks/interleaved.py --models "$MODELS" --batch "$BATCH" -
   --runs "$RUNS" --out "$OUT/fp32"
 if [[ " $flags " == *" avx512_bf16 "* || " $flags " == *" amx_bf16 "* || "${CPU_CHECK_BF16:-0}" = 1 ]]; then
   stage bf16 "$PY" benchmarks/interleaved.py --dtype bf16 --models "$MODELS" --batch "$BATCH" --size "$SIZE" \
-    --rounds "$(( ROUNDS < 6 ? ROUNDS : 6 ))" --out "$OUT/bf16"
+    --rounds "$(( ROUNDS < 6 ? ROUNDS : 6 ))" --runs "$RUNS" --out "$OUT/bf16"
 else
   say "bf16: not run: this CPU has neither avx512_bf16 nor amx_bf16 (CPU_CHECK_BF16=1 runs it anyway)"
 fi
