@@ -361,7 +361,7 @@ def test_brgemm_core_under_a_capped_isa(isa):
 
 
 @pytest.mark.parametrize("env, value", [(WINOGRAD_TILE_ENV, "3"), (WINOGRAD_TILE_ENV, "F4"), (GEMM_CORE_ENV, "mkl"),
-                                        (GEMM_CORE_ENV, "1"), (THREAD_SPLIT_ENV, "rows")])
+                                        (GEMM_CORE_ENV, "1"), (THREAD_SPLIT_ENV, "rows"), (CPU_ISA_ENV, "avx512")])
 def test_switch_values_are_checked(env, value, monkeypatch, forced):
     monkeypatch.setenv(env, value)
     kernel = 1 if env == THREAD_SPLIT_ENV else 3
@@ -481,6 +481,20 @@ def test_switch_off_uses_direct(monkeypatch):
     monkeypatch.setenv(AVX2_CONV_ENV, "0")
     x, weight, bias, residual, relu = make_case((1, 16, 32, 6, 7), (True, True, True), "channels_last")
     assert not own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_winograd_off_takes_the_implicit_gemm(dtype, forced, monkeypatch):
+    """RESNET_FUSED_WINOGRAD_TILE=off: a 3x3 stride-1 conv runs the implicit GEMM (the profiler
+    scope of each kernel call names the kernel), with a direct convolution's rounding."""
+    monkeypatch.setenv(WINOGRAD_TILE_ENV, "off")
+    monkeypatch.setenv(CPU_ISA_ENV, "avx2")
+    x, weight, bias, residual, relu = to_dtype(make_case((1, 16, 32, 6, 7), (True, True, True), "channels_last"), dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = conv(x, weight, bias, residual, relu)
+    names = {e.name for e in prof.events()}
+    assert "implicit_gemm" in names and not any(n.startswith("winograd") for n in names), names
+    assert_close(out, reference(x, weight, bias, residual, relu))
 
 
 @pytest.mark.parametrize("kernel", [3, 1])

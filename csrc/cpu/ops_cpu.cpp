@@ -475,8 +475,8 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
     return {};
   }
   std::vector<Kernel> kernels;
-  const bool bf16_core =
-      x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !own_isa_capped_at_avx2();
+  const bool capped = own_isa_capped_at_avx2();  // read (and checked) on every call, whatever the dtype
+  const bool bf16_core = x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !capped;
   const int64_t r = weight.size(2), s = weight.size(3);
   const int tile = winograd_tile_setting();
   if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1 && tile >= 0) {
@@ -663,15 +663,23 @@ at::Tensor conv_own(
     const std::array<int64_t, 4>& out_sizes) {
   RECORD_FUNCTION(kernel_name(choice.kernel), std::vector<c10::IValue>());
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
-  if (choice.kernel == Kernel::kImplicitGemmBf16) {
+  if (on_bf16_core(choice.kernel)) {  // bf16 in and out, no fp32 copies
     at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
     std::optional<at::Tensor> r;
     if (residual.has_value()) {
       r = residual->contiguous(cl);
     }
-    implicit_gemm::conv_bf16(x.contiguous(cl), packed_weight(weight, choice.kernel), weight.sizes().slice(2), b, r,
-                             relu, stride, padding, out, choice.block, choice.split_channels);
+    const at::Tensor packed = packed_weight(weight, choice.kernel);
+    if (choice.kernel == Kernel::kImplicitGemmBf16) {
+      implicit_gemm::conv_bf16(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
+                               choice.block, choice.split_channels);
+    } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, false)) {
+      // Non-finite outputs: redone by the implicit GEMM, as below.
+      const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemmBf16);
+      return conv_own(Choice{Kernel::kImplicitGemmBf16, default_block(igemm)}, x, weight, bias, stride, padding,
+                      residual, relu, out_sizes);
+    }
     return out;
   }
   if (is_low_precision(x)) {  // the weight is packed to fp32 once, cached

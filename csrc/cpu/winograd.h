@@ -18,7 +18,8 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t tile);
 // (bf16_gemm.h; CPUs with AVX512-BF16): bf16 (16, K / 16, ceil(C / 2), 16, 2). conv() given it
 // rounds the transformed inputs to bf16 too and sums their products in fp32: 2x the multiply-add
 // rate of fp32, for bf16 models only (error per layer ~2x a direct bf16 conv's; simulated over C =
-// 256: 4.8e-3 of the largest output against 2.9e-3).
+// 256: 4.8e-3 of the largest output against 2.9e-3). x, residual and out may then be bf16
+// (transforms in fp32, the output rounded once), or fp32.
 at::Tensor transform_weight_bf16(const at::Tensor& weight);
 
 // out = relu?(conv3x3(x, weight) + bias (+ residual)), all dense channels_last fp32, `u` from

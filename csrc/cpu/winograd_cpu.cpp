@@ -49,9 +49,14 @@ struct VecOps {
   RF_AVX2 __m256 fma(__m256 a, float k, __m256 b) const { return _mm256_fmadd_ps(a, _mm256_set1_ps(k), b); }
   RF_AVX2 __m256 mul(__m256 a, float k) const { return _mm256_mul_ps(a, _mm256_set1_ps(k)); }
   RF_AVX2 __m256 load(const float* p) const { return _mm256_loadu_ps(p); }
+  // bf16 activations: the top halves of fp32s, widened exactly.
+  RF_AVX2 __m256 load(const uint16_t* p) const {
+    const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+  }
   RF_AVX2 void store(float* p, __m256 v) const { _mm256_storeu_ps(p, v); }
   // Rounded to bf16 (nearest, ties to even, NaN kept NaN) as c10::BFloat16 rounds, so the scalar
-  // tail's channels round alike: the bf16 GEMM core's transformed inputs.
+  // tail's channels round alike: the bf16 GEMM core's transformed inputs, bf16 outputs.
   RF_AVX2 void store(uint16_t* p, __m256 v) const {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
@@ -70,6 +75,7 @@ struct ScalarOps {
   RF_AVX2 float fma(float a, float k, float b) const { return std::fma(a, k, b); }
   float mul(float a, float k) const { return a * k; }
   float load(const float* p) const { return *p; }
+  float load(const uint16_t* p) const { return c10::BFloat16(*p, c10::BFloat16::from_bits()); }
   void store(float* p, float v) const { *p = v; }
   void store(uint16_t* p, float v) const { *p = c10::BFloat16(v).x; }
 };
@@ -149,8 +155,8 @@ struct Geometry {
 // `plane` floats apart. WHY in registers: the two passes went through a scratch row buffer, and at
 // C = 64 the input transform took 63% of the GEMMs' time; here each input is loaded once and each
 // output stored once.
-template <int M, typename V, typename Ops, typename Out>
-RF_AVX2 inline void input_tile(const float* const (&d)[Tile<M>::kT][Tile<M>::kT], int64_t ch, int64_t plane, Out* out,
+template <int M, typename V, typename Ops, typename In, typename Out>
+RF_AVX2 inline void input_tile(const In* const (&d)[Tile<M>::kT][Tile<M>::kT], int64_t ch, int64_t plane, Out* out,
                                Ops o) {
   constexpr int T = Tile<M>::kT;
   V cols[T][T];  // cols[j] = B^T applied to column j of the patch
@@ -173,11 +179,10 @@ RF_AVX2 inline void input_tile(const float* const (&d)[Tile<M>::kT][Tile<M>::kT]
   }
 }
 
-// Each tile's (M+2)^2 patch -> B^T d B, written as (M+2)^2 rows of `plane` stride: fp32, or bf16
-// (Out = uint16_t) for the bf16 GEMM core.
-template <int M, typename Out>
-RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int64_t count, const float* zero,
-                             Out* v) {
+// Each tile's (M+2)^2 patch of x (fp32, or bf16 as uint16_t) -> B^T d B in fp32, written as
+// (M+2)^2 rows of `plane` stride: fp32, or bf16 (Out = uint16_t) for the bf16 GEMM core.
+template <int M, typename In, typename Out>
+RF_AVX2 void input_transform(const In* x, const Geometry& g, int64_t t0, int64_t count, const In* zero, Out* v) {
   constexpr int T = Tile<M>::kT;
   const int64_t c = g.c;
   const int64_t plane = count * c;
@@ -185,7 +190,7 @@ RF_AVX2 void input_transform(const float* x, const Geometry& g, int64_t t0, int6
     const int64_t t = t0 + u;
     const int64_t img = t / (g.th * g.tw), rest = t % (g.th * g.tw);
     const int64_t y0 = M * (rest / g.tw) - 1, x0 = M * (rest % g.tw) - 1;
-    const float* d[T][T];
+    const In* d[T][T];
     for (int i = 0; i < T; ++i) {
       for (int j = 0; j < T; ++j) {
         const int64_t yy = y0 + i, xx = x0 + j;
@@ -225,13 +230,15 @@ RF_AVX2 inline void output_tile(const float* mt, int64_t plane, int64_t ch, __m2
   }
 }
 
-// A^T m A (M x M outputs per tile) + bias (+ residual), ReLU, into y for channels [k0, k0 + kc).
+// A^T m A (M x M outputs per tile) + bias (+ residual), ReLU, into y for channels [k0, k0 + kc);
+// bias, residual and y fp32, or bf16 (T = uint16_t: y rounded once, in the store).
 // Returns whether any output before the ReLU was Inf or NaN (see conv() in winograd.h for why).
-template <int M>
+template <int M, typename T>
 RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int64_t count, int64_t k0, int64_t kc,
-                              const float* bias, const float* residual, bool relu, float* y) {
+                              const T* bias, const T* residual, bool relu, T* y) {
+  const VecOps o;
   const int64_t plane = count * kc;
-  const float* b = bias + k0;
+  const T* b = bias + k0;
   const __m256 zero = _mm256_setzero_ps();
   // s - s is 0 for a finite s and NaN for an Inf or NaN: one compare flags both, lane by lane.
   __m256 nonfinite = zero;
@@ -241,8 +248,8 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
     const int64_t y0 = M * (rest / g.tw), x0 = M * (rest % g.tw);
     const int64_t rows = std::min<int64_t>(M, g.h - y0), cols = std::min<int64_t>(M, g.w - x0);
     const float* mt = m + u * kc;
-    float* dst[M][M] = {};
-    const float* res[M][M] = {};
+    T* dst[M][M] = {};
+    const T* res[M][M] = {};
     for (int i = 0; i < rows; ++i) {
       for (int j = 0; j < cols; ++j) {
         const int64_t offset = ((img * g.h + y0 + i) * g.w + x0 + j) * g.k + k0;
@@ -253,19 +260,19 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
     for (int64_t ch = 0; ch < kc; ch += 8) {  // kc is a multiple of kPanel
       __m256 out[M][M];
       output_tile<M>(mt, plane, ch, out);
-      const __m256 bv = _mm256_loadu_ps(b + ch);
+      const __m256 bv = o.load(b + ch);
       for (int i = 0; i < rows; ++i) {
         for (int j = 0; j < cols; ++j) {
           __m256 s = _mm256_add_ps(out[i][j], bv);
           if (residual != nullptr) {
-            s = _mm256_add_ps(s, _mm256_loadu_ps(res[i][j] + ch));
+            s = _mm256_add_ps(s, o.load(res[i][j] + ch));
           }
           nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(_mm256_sub_ps(s, s), zero, _CMP_NEQ_UQ));
           if (relu) {
             // Zero where s < 0; a NaN compares false and stays NaN, like torch.relu.
             s = _mm256_andnot_ps(_mm256_cmp_ps(s, zero, _CMP_LT_OQ), s);
           }
-          _mm256_storeu_ps(dst[i][j] + ch, s);
+          o.store(dst[i][j] + ch, s);
         }
       }
     }
@@ -273,7 +280,8 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
   return _mm256_movemask_ps(nonfinite) != 0;
 }
 
-template <int M>
+// T: the activations' element type, float or (bf16) uint16_t.
+template <int M, typename T>
 bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                 const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block,
                 bool brgemm) {
@@ -292,15 +300,15 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
   const int64_t kc = g.k / k_groups;
   // A bf16 transformed weight (transform_weight_bf16) means the GEMMs run on the bf16 core.
   const bool bf16 = u.scalar_type() == at::kBFloat16;
-  TORCH_INTERNAL_ASSERT(!(bf16 && brgemm));
+  TORCH_INTERNAL_ASSERT(!(bf16 && brgemm) && (bf16 || std::is_same_v<T, float>));
   // Elements of one transformed point's 16-channel panel: C fp32, or C rounded up to pairs of bf16.
   const int64_t panel_len = bf16 ? (g.c + 1) / 2 * 2 * kPanel : g.c * kPanel;
-  const float* xp = x.const_data_ptr<float>();
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
   const float* up = bf16 ? nullptr : u.const_data_ptr<float>();
   const auto* up16 = bf16 ? reinterpret_cast<const uint16_t*>(u.const_data_ptr<at::BFloat16>()) : nullptr;
-  const float* bp = bias.const_data_ptr<float>();
-  const float* rp = residual.has_value() ? residual->const_data_ptr<float>() : nullptr;
-  float* yp = out.data_ptr<float>();
+  const T* bp = static_cast<const T*>(bias.const_data_ptr());
+  const T* rp = residual.has_value() ? static_cast<const T*>(residual->const_data_ptr()) : nullptr;
+  T* yp = static_cast<T*>(out.data_ptr());
   const int64_t panels = g.k / kPanel;
   std::atomic<bool> nonfinite{false};
   at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
@@ -315,6 +323,7 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
     float* m = v + kFreq * block * g.c;
     float* zero = m + kFreq * block * kc;
     std::fill(zero, zero + g.c, 0.f);
+    const T* zero_row = reinterpret_cast<const T*>(zero);  // g.c zeros of either type
     thread_local std::vector<const float*> row_ptrs;
     thread_local std::vector<const uint16_t*> row_ptrs16;
     row_ptrs.resize(block);
@@ -325,9 +334,9 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
         if (bf16) {
-          input_transform<M>(xp, g, t0, count, zero, v16);
+          input_transform<M>(xp, g, t0, count, zero_row, v16);
         } else {
-          input_transform<M>(xp, g, t0, count, zero, v);
+          input_transform<M>(xp, g, t0, count, zero_row, v);
         }
         cached_block = blk;
       }
@@ -422,11 +431,14 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
           bool relu, const at::Tensor& out, int64_t block, bool brgemm) {
 #if RF_HAVE_X86
   // The transformed weight says which tile it was made for: (T*T, K / 16, C, 16).
+  const bool bf16_activations = x.scalar_type() == at::kBFloat16;
+  TORCH_INTERNAL_ASSERT(!bf16_activations || u.scalar_type() == at::kBFloat16, "bf16 activations need the bf16 core");
   switch (u.size(0)) {
     case 16:
-      return conv_tiles<2>(x, u, bias, residual, relu, out, block, brgemm);
+      return bf16_activations ? conv_tiles<2, uint16_t>(x, u, bias, residual, relu, out, block, brgemm)
+                              : conv_tiles<2, float>(x, u, bias, residual, relu, out, block, brgemm);
     case 36:
-      return conv_tiles<4>(x, u, bias, residual, relu, out, block, brgemm);
+      return conv_tiles<4, float>(x, u, bias, residual, relu, out, block, brgemm);
     default:
       TORCH_INTERNAL_ASSERT(false, "not a Winograd-transformed weight");
   }

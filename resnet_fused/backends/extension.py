@@ -28,16 +28,18 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``);
   bf16 and fp16 calls converted to fp32 on the way in and rounded once on the way out (on a CPU
   without native bf16 convolutions, ATen's fallback is ~10x slower). On a CPU with AVX512-BF16 a
-  bf16 call also has a native bf16 implicit GEMM (``csrc/cpu/bf16_gemm.h``: bf16 operands, fp32
-  sums, the epilogue in fp32 and one rounding to bf16 in the store) for every kernel size, which
-  ``1`` picks first.
+  bf16 call also has our bf16 GEMM core (``csrc/cpu/bf16_gemm.h``: VDPBF16PS, bf16 operands, fp32
+  sums): the implicit GEMM for every kernel size (the epilogue in fp32, one rounding to bf16 in the
+  store), and Winograd F(2x2, 3x3) with its transformed points rounded to bf16 (about 2x a direct
+  bf16 conv's error per layer); ``1`` picks them first (F(2x2) for 3x3 stride 1).
   Unset or ``auto``: the first call of each shape times them against the direct convolution, with
   the weight and its packed copies flushed from the CPU caches before each timed run (in a model
   every layer reads its weight from DRAM), and keeps the fastest (the losing Winograd variant's
   transformed weight is then dropped); ``1``
   always (where they apply; Winograd F(2x2) unless the next switch says 4), ``0`` never.
 - ``RESNET_FUSED_WINOGRAD_TILE`` (CPU): ``2`` or ``4`` keeps only that Winograd variant (its output
-  tile side), forced or timed; unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
+  tile side), forced or timed; ``off`` none (3x3 stride-1 convs then take the implicit GEMM, with a
+  direct convolution's rounding); unset or ``auto``: both are candidates. F(4x4) does 1.78x fewer
   multiply-adds than F(2x2) on large maps, with about 20x a direct convolution's fp32 rounding error
   (still ~1e-6 of the logits on a whole ResNet).
 - ``RESNET_FUSED_GEMM_CORE`` (CPU): the GEMMs under Winograd and the implicit GEMM on ``own`` (our
