@@ -76,6 +76,26 @@ RF_AVX512_BF16 inline __m512i broadcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(pair);
 }
 
+// Channel pair i of every row times its packed weights `w` (panels `panel_stride` apart), into
+// the sums; `kLone`: the lone last channel of an odd C, broadcast alone (see the top of the file).
+template <int R, int P, bool kLone>
+__attribute__((always_inline)) RF_AVX512_BF16 inline void add_pair(__m512 (&acc)[R][P], const uint16_t* const (&v)[R],
+                                                                   const uint16_t* w, int64_t panel_stride, int64_t i) {
+  __m512bh wp[P];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p) {
+    wp[p] = (__m512bh)_mm512_loadu_si512(w + p * panel_stride);
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+    const __m512bh b = (__m512bh)(kLone ? _mm512_set1_epi32(v[r][2 * i]) : broadcast_pair(v[r] + 2 * i));
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      acc[r][p] = _mm512_dpbf16_ps(acc[r][p], b, wp[p]);
+    }
+  }
+}
+
 // R rows x P panels: the sums over `taps` taps of `pairs` channel pairs (+ the lone last channel
 // when `odd`), then one store per 16 outputs: into bf16 (Out = uint16_t) after the epilogue, or the
 // raw fp32 sums (Out = float, `e` unused: Winograd's transformed points). rows[r * row_taps + t] is
@@ -101,34 +121,10 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
     }
     const uint16_t* u = panel + t * tap_stride;
     for (int64_t i = 0; i < pairs; ++i) {
-      __m512bh w[P];
-#pragma GCC unroll 2
-      for (int p = 0; p < P; ++p) {
-        w[p] = (__m512bh)_mm512_loadu_si512(u + p * panel_stride + i * 2 * kPanel);
-      }
-#pragma GCC unroll 24
-      for (int r = 0; r < R; ++r) {
-        const __m512bh b = (__m512bh)broadcast_pair(v[r] + 2 * i);
-#pragma GCC unroll 2
-        for (int p = 0; p < P; ++p) {
-          acc[r][p] = _mm512_dpbf16_ps(acc[r][p], b, w[p]);
-        }
-      }
+      add_pair<R, P, false>(acc, v, u + i * 2 * kPanel, panel_stride, i);
     }
     if (odd) {
-      __m512bh w[P];
-#pragma GCC unroll 2
-      for (int p = 0; p < P; ++p) {
-        w[p] = (__m512bh)_mm512_loadu_si512(u + p * panel_stride + pairs * 2 * kPanel);
-      }
-#pragma GCC unroll 24
-      for (int r = 0; r < R; ++r) {
-        const __m512bh b = (__m512bh)_mm512_set1_epi32(v[r][2 * pairs]);
-#pragma GCC unroll 2
-        for (int p = 0; p < P; ++p) {
-          acc[r][p] = _mm512_dpbf16_ps(acc[r][p], b, w[p]);
-        }
-      }
+      add_pair<R, P, true>(acc, v, u + pairs * 2 * kPanel, panel_stride, pairs);
     }
   }
 #pragma GCC unroll 24
