@@ -61,12 +61,14 @@ SHAPES = [
 FLAGS = [(True, False, True), (True, True, True), (False, True, False), (True, False, False)]
 
 
-def own_kernel_ran(call) -> bool:
-    """Whether the call went through our kernels: the only path that calls no convolution op."""
+def own_kernel_ran(call, kernel: str | None = None) -> bool:
+    """Whether the call went through our kernels (the only path that calls no convolution op) and,
+    given `kernel`, ran that one: each call of one of our kernels is a profiler scope named after it
+    (``winograd_f4x4``, ``implicit_gemm``, ...; csrc/cpu/ops_cpu.cpp)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         call()
     names = {e.name for e in prof.events()}
-    return not any("convolution" in name for name in names)
+    return not any("convolution" in name for name in names) and (kernel is None or kernel in names)
 
 
 def make_case(shape, flags, layout, seed=0, kernel=3, stride=1, padding=None):
@@ -120,7 +122,7 @@ def split(request, monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
 def test_winograd_matches_float64(shape, flags, layout, tile, core, forced):
     x, weight, bias, residual, relu = make_case(shape, flags, layout)
-    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu), f"winograd_f{tile}x{tile}")
     out = conv(x, weight, bias, residual, relu)
     expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
     assert out.is_contiguous(memory_format=expected_format)
@@ -158,7 +160,7 @@ SHAPES_IGEMM = [
 def test_implicit_gemm_matches_float64(shape, flags, layout, split, core, forced):
     *dims, kernel, stride, padding = shape
     x, weight, bias, residual, relu = make_case(dims, flags, layout, kernel=kernel, stride=stride, padding=padding)
-    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding))
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding), "implicit_gemm")
     out = conv(x, weight, bias, residual, relu, stride, padding)
     expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
     assert out.is_contiguous(memory_format=expected_format)
@@ -193,7 +195,8 @@ def test_low_precision_runs_the_fp32_kernels(case, flags, dtype, tile, forced, m
     shape, kernel, stride, padding = case
     x, weight, bias, residual, relu = to_dtype(
         make_case(shape, flags, "channels_last", kernel=kernel, stride=stride, padding=padding), dtype)
-    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding))
+    name = f"winograd_f{tile}x{tile}" if (kernel, stride, padding) == (3, 1, 1) else "implicit_gemm"
+    assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding), name)
     out = conv(x, weight, bias, residual, relu, stride, padding)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     widened = to_dtype((x, weight, bias, residual), torch.float32)
