@@ -13,8 +13,9 @@ namespace implicit_gemm {
 // The (K, C, R, S) weight packed in panels of 16 output channels: float32 (K / 16, R * S, C, 16).
 at::Tensor pack_weight(const at::Tensor& weight);
 
-// out = relu?(conv2d(x, weight, stride, padding) + bias (+ residual)), all dense channels_last fp32;
-// `kernel_size` is the weight's (R, S); `block` output pixels per work item. The threads share
+// out = relu?(conv2d(x, weight, stride, padding) + bias (+ residual)), all dense channels_last fp32
+// with `packed` from pack_weight, or all bf16 with `packed` from pack_weight_bf16 (the GEMMs on
+// the bf16 core, fp32 sums rounded once to bf16 in the store; no brgemm); `kernel_size` is the weight's (R, S); `block` output pixels per work item. The threads share
 // the output pixels, or with `split_channels` the output channels (each thread then reads its
 // share of the weight once and all of the input; possible when the panels divide evenly). With
 // `brgemm` the GEMMs run on oneDNN's brgemm (JIT for the CPU's widest ISA) instead of our AVX2
@@ -23,18 +24,13 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
           const at::Tensor& out, int64_t block, bool split_channels, bool brgemm);
 
-// The same convolution in bf16 with AVX512-BF16 (bf16_gemm.h): x, bias, residual and out bf16,
-// `packed` from pack_weight_bf16; fp32 sums rounded once to bf16 in the store.
-void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
-               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-               const at::Tensor& out, int64_t block, bool split_channels);
-
-// The (K, C, R, S) weight packed for conv_bf16: bf16 (K / 16, taps, ceil(reduction / 2), 16, 2), where
-// a tap is one filter position of `reduction` = C channels, or for inputs of few channels (the
-// stem) one filter row of S * C (implicit_gemm_cpu.cpp); an odd reduction is padded with a zero.
+// The (K, C, R, S) weight packed for conv() on bf16 (CPUs with AVX512-BF16, bf16_gemm.h): bf16
+// (K / 16, taps, ceil(reduction / 2), 16, 2), where a tap is one filter position of `reduction` = C
+// channels, or for inputs of few channels (the stem) one filter row of S * C
+// (implicit_gemm_cpu.cpp); an odd reduction is padded with a zero.
 at::Tensor pack_weight_bf16(const at::Tensor& weight);
 
-// Whether this CPU runs conv_bf16 (AVX512-BF16).
+// Whether this CPU runs conv() on bf16 (AVX512-BF16).
 bool can_run_bf16();
 
 // Whether `split_channels` can apply: the output channels' panels divide evenly between the threads.

@@ -132,12 +132,42 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   });
 }
 
+#if RF_HAVE_X86
+// conv() on bf16: the GEMMs on the bf16 core (bf16_gemm.h), the epilogue in its store.
+void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+               const at::Tensor& out, int64_t block, bool split_channels) {
+  TORCH_CHECK(avx512_bf16::cpu_has_avx512_bf16(),
+              "resnet_fused: the bf16 implicit-GEMM convolution needs a CPU with AVX512-BF16");
+  const int64_t k = out.size(1);
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
+  const auto* bp = reinterpret_cast<const uint16_t*>(bias.const_data_ptr<at::BFloat16>());
+  const auto* rp =
+      residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->const_data_ptr<at::BFloat16>()) : nullptr;
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const auto gemm = [&](const Work<at::BFloat16>& item) {
+    const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
+    const int64_t panel_size = item.taps * ((item.c + 1) / 2) * 2 * kPanel;
+    avx512_bf16::gemm_panels(item.count, item.c, item.taps, reinterpret_cast<const uint16_t* const*>(item.rows),
+                             wp + item.first_panel * panel_size, item.panels, op + offset, k,
+                             avx512_bf16::Epilogue{bp + item.first_panel * kPanel,
+                                                   rp == nullptr ? nullptr : rp + offset, k, relu});
+  };
+  for_each_work_item<at::BFloat16>(x, kernel_size, stride, padding, out, block, split_channels, true, gemm, [] {});
+}
+#endif
+
 }  // namespace
 
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
           const at::Tensor& out, int64_t block, bool split_channels, bool brgemm) {
 #if RF_HAVE_X86
+  if (x.scalar_type() == at::kBFloat16) {
+    TORCH_INTERNAL_ASSERT(!brgemm && packed.scalar_type() == at::kBFloat16);
+    conv_bf16(x, packed, kernel_size, bias, residual, relu, stride, padding, out, block, split_channels);
+    return;
+  }
   const int64_t k = out.size(1);
   const float* xp = x.const_data_ptr<float>();
   const float* wp = packed.const_data_ptr<float>();
@@ -204,29 +234,6 @@ at::Tensor pack_weight_bf16(const at::Tensor& weight) {
   // (K / 16, 16, taps, pairs, 2) -> (K / 16, taps, pairs, 16, 2)
   w = w.reshape({k / kPanel, kPanel, taps, w.size(2) / 2, 2}).permute({0, 2, 3, 1, 4});
   return w.to(at::kBFloat16).contiguous();
-}
-
-void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
-               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-               const at::Tensor& out, int64_t block, bool split_channels) {
-  TORCH_CHECK(can_run_bf16(), "resnet_fused: the bf16 implicit-GEMM convolution needs a CPU with AVX512-BF16");
-#if RF_HAVE_X86
-  const int64_t k = out.size(1);
-  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
-  const auto* bp = reinterpret_cast<const uint16_t*>(bias.const_data_ptr<at::BFloat16>());
-  const auto* rp =
-      residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->const_data_ptr<at::BFloat16>()) : nullptr;
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const auto gemm = [&](const Work<at::BFloat16>& item) {
-    const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
-    const int64_t panel_size = item.taps * ((item.c + 1) / 2) * 2 * kPanel;
-    avx512_bf16::gemm_panels(item.count, item.c, item.taps, reinterpret_cast<const uint16_t* const*>(item.rows),
-                             wp + item.first_panel * panel_size, item.panels, op + offset, k,
-                             avx512_bf16::Epilogue{bp + item.first_panel * kPanel,
-                                                   rp == nullptr ? nullptr : rp + offset, k, relu});
-  };
-  for_each_work_item<at::BFloat16>(x, kernel_size, stride, padding, out, block, split_channels, true, gemm, [] {});
-#endif
 }
 
 }  // namespace implicit_gemm

@@ -661,33 +661,15 @@ at::Tensor conv_own(
     const std::optional<at::Tensor>& residual,
     bool relu,
     const std::array<int64_t, 4>& out_sizes) {
-  RECORD_FUNCTION(kernel_name(choice.kernel), std::vector<c10::IValue>());
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
-  if (on_bf16_core(choice.kernel)) {  // bf16 in and out, no fp32 copies
-    at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
-    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
-    std::optional<at::Tensor> r;
-    if (residual.has_value()) {
-      r = residual->contiguous(cl);
-    }
-    const at::Tensor packed = packed_weight(weight, choice.kernel);
-    if (choice.kernel == Kernel::kImplicitGemmBf16) {
-      implicit_gemm::conv_bf16(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
-                               choice.block, choice.split_channels);
-    } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, false)) {
-      // Non-finite outputs: redone by the implicit GEMM, as below.
-      const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemmBf16);
-      return conv_own(Choice{Kernel::kImplicitGemmBf16, default_block(igemm)}, x, weight, bias, stride, padding,
-                      residual, relu, out_sizes);
-    }
-    return out;
-  }
-  if (is_low_precision(x)) {  // the weight is packed to fp32 once, cached
+  if (is_low_precision(x) && !on_bf16_core(choice.kernel)) {  // fp32 kernels; the weight packed to fp32 once, cached
     return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
                                                    const std::optional<at::Tensor>& residual32) {
       return conv_own(choice, x32, weight, bias32, stride, padding, residual32, relu, out_sizes);
     });
   }
+  // Recorded here, once per kernel run (the converted call above recurses).
+  RECORD_FUNCTION(kernel_name(choice.kernel), std::vector<c10::IValue>());
   const at::Tensor packed = packed_weight(weight, choice.kernel);
   at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
@@ -695,15 +677,16 @@ at::Tensor conv_own(
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
-  if (choice.kernel == Kernel::kImplicitGemm) {
+  if (is_implicit_gemm(choice.kernel)) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
                         choice.block, choice.split_channels, choice.brgemm);
   } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, choice.brgemm)) {
     // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
-    // the call is redone by the implicit GEMM, whose sums give eager's. Only corrupted inputs pay.
-    const at::Tensor igemm = packed_weight(weight, Kernel::kImplicitGemm);
-    return conv_own(Choice{Kernel::kImplicitGemm, default_block(igemm)}, x, weight, bias, stride, padding, residual,
-                    relu, out_sizes);
+    // the call is redone by the implicit GEMM (on the same core), whose sums give eager's. Only
+    // corrupted inputs pay.
+    const Kernel igemm = on_bf16_core(choice.kernel) ? Kernel::kImplicitGemmBf16 : Kernel::kImplicitGemm;
+    return conv_own(Choice{igemm, default_block(packed_weight(weight, igemm))}, x, weight, bias, stride, padding,
+                    residual, relu, out_sizes);
   }
   return out;
 }

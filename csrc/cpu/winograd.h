@@ -18,12 +18,13 @@ at::Tensor transform_weight(const at::Tensor& weight, int64_t tile);
 // (bf16_gemm.h; CPUs with AVX512-BF16): bf16 (16, K / 16, ceil(C / 2), 16, 2). conv() given it
 // rounds the transformed inputs to bf16 too and sums their products in fp32: 2x the multiply-add
 // rate of fp32, for bf16 models only (error per layer ~2x a direct bf16 conv's; simulated over C =
-// 256: 4.8e-3 of the largest output against 2.9e-3). x, residual and out may then be bf16
-// (transforms in fp32, the output rounded once), or fp32.
+// 256: 4.8e-3 of the largest output against 2.9e-3). x, bias, residual and out are then bf16
+// (transforms in fp32, the output rounded once).
 at::Tensor transform_weight_bf16(const at::Tensor& weight);
 
-// out = relu?(conv3x3(x, weight) + bias (+ residual)), all dense channels_last fp32, `u` from
-// transform_weight (its tile size is read off its shape); `block` tiles per work item (the tuning
+// out = relu?(conv3x3(x, weight) + bias (+ residual)), all dense channels_last fp32 with `u` from
+// transform_weight (its tile size is read off its shape), or all bf16 with `u` from
+// transform_weight_bf16; `block` tiles per work item (the tuning
 // knob: cache reuse vs weight traffic).
 //
 // Returns false when some output was Inf or NaN before the ReLU; `out` is then not the direct

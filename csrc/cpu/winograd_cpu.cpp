@@ -280,7 +280,8 @@ RF_AVX2 bool output_transform(const float* m, const Geometry& g, int64_t t0, int
   return _mm256_movemask_ps(nonfinite) != 0;
 }
 
-// T: the activations' element type, float or (bf16) uint16_t.
+// T: the activations' element type: float (the GEMMs on our AVX2 micro-kernel or brgemm, all in
+// fp32), or bf16 as uint16_t (the GEMMs on the bf16 core, the transformed inputs rounded to bf16).
 template <int M, typename T>
 bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                 const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block,
@@ -298,14 +299,12 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
     k_groups *= 2;
   }
   const int64_t kc = g.k / k_groups;
-  // A bf16 transformed weight (transform_weight_bf16) means the GEMMs run on the bf16 core.
-  const bool bf16 = u.scalar_type() == at::kBFloat16;
-  TORCH_INTERNAL_ASSERT(!(bf16 && brgemm) && (bf16 || std::is_same_v<T, float>));
+  constexpr bool bf16 = std::is_same_v<T, uint16_t>;
+  TORCH_INTERNAL_ASSERT((u.scalar_type() == at::kBFloat16) == bf16 && !(bf16 && brgemm));
   // Elements of one transformed point's 16-channel panel: C fp32, or C rounded up to pairs of bf16.
   const int64_t panel_len = bf16 ? (g.c + 1) / 2 * 2 * kPanel : g.c * kPanel;
   const T* xp = static_cast<const T*>(x.const_data_ptr());
-  const float* up = bf16 ? nullptr : u.const_data_ptr<float>();
-  const auto* up16 = bf16 ? reinterpret_cast<const uint16_t*>(u.const_data_ptr<at::BFloat16>()) : nullptr;
+  const T* up = static_cast<const T*>(u.const_data_ptr());
   const T* bp = static_cast<const T*>(bias.const_data_ptr());
   const T* rp = residual.has_value() ? static_cast<const T*>(residual->const_data_ptr()) : nullptr;
   T* yp = static_cast<T*>(out.data_ptr());
@@ -318,45 +317,32 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
     if (scratch.size() < need) {
       scratch.resize(need);
     }
-    float* v = scratch.data();
-    auto* v16 = reinterpret_cast<uint16_t*>(v);  // the bf16 core's transformed inputs (half of v's room)
-    float* m = v + kFreq * block * g.c;
+    // The transformed inputs, in T (bf16 uses half of the room), then the GEMMs' fp32 outputs.
+    T* v = reinterpret_cast<T*>(scratch.data());
+    float* m = scratch.data() + kFreq * block * g.c;
     float* zero = m + kFreq * block * kc;
     std::fill(zero, zero + g.c, 0.f);
     const T* zero_row = reinterpret_cast<const T*>(zero);  // g.c zeros of either type
-    thread_local std::vector<const float*> row_ptrs;
-    thread_local std::vector<const uint16_t*> row_ptrs16;
+    thread_local std::vector<const T*> row_ptrs;
     row_ptrs.resize(block);
-    row_ptrs16.resize(block);
     int64_t cached_block = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t blk = item / k_groups, kg = item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
-        if (bf16) {
-          input_transform<M>(xp, g, t0, count, zero_row, v16);
-        } else {
-          input_transform<M>(xp, g, t0, count, zero_row, v);
-        }
+        input_transform<M>(xp, g, t0, count, zero_row, v);
         cached_block = blk;
       }
       for (int64_t f = 0; f < kFreq; ++f) {
-        float* c = m + f * count * kc;
-        if (bf16) {
-          const uint16_t* a = v16 + f * count * g.c;
-          for (int64_t r = 0; r < count; ++r) {
-            row_ptrs16[r] = a + r * g.c;
-          }
-          avx512_bf16::gemm_panels(count, g.c, 1, row_ptrs16.data(), up16 + (f * panels + kg * (kc / kPanel)) * panel_len,
-                                   kc / kPanel, c, kc, avx512_bf16::Epilogue{});
-          continue;
-        }
-        const float* a = v + f * count * g.c;  // this point's rows, one per tile, g.c floats apart
+        const T* a = v + f * count * g.c;  // this point's rows, one per tile, g.c elements apart
         for (int64_t r = 0; r < count && !brgemm; ++r) {
           row_ptrs[r] = a + r * g.c;
         }
-        const float* group = up + (f * panels + kg * (kc / kPanel)) * panel_len;
-        if (brgemm) {
+        const T* group = up + (f * panels + kg * (kc / kPanel)) * panel_len;
+        float* c = m + f * count * kc;
+        if constexpr (bf16) {
+          avx512_bf16::gemm_panels(count, g.c, 1, row_ptrs.data(), group, kc / kPanel, c, kc, avx512_bf16::Epilogue{});
+        } else if (brgemm) {
           for (int64_t p = 0; p < kc / kPanel; ++p) {
             // The panel (C x 16, row-major) is brgemm's B as it is.
             at::native::cpublas::brgemm(count, kPanel, g.c, g.c, kPanel, kc, false, a, group + p * g.c * kPanel,
@@ -431,11 +417,10 @@ bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, cons
           bool relu, const at::Tensor& out, int64_t block, bool brgemm) {
 #if RF_HAVE_X86
   // The transformed weight says which tile it was made for: (T*T, K / 16, C, 16).
-  const bool bf16_activations = x.scalar_type() == at::kBFloat16;
-  TORCH_INTERNAL_ASSERT(!bf16_activations || u.scalar_type() == at::kBFloat16, "bf16 activations need the bf16 core");
+  // bf16 activations go with the bf16 transformed weight (conv_tiles checks the pair).
   switch (u.size(0)) {
     case 16:
-      return bf16_activations ? conv_tiles<2, uint16_t>(x, u, bias, residual, relu, out, block, brgemm)
+      return x.scalar_type() == at::kBFloat16 ? conv_tiles<2, uint16_t>(x, u, bias, residual, relu, out, block, brgemm)
                               : conv_tiles<2, float>(x, u, bias, residual, relu, out, block, brgemm);
     case 36:
       return conv_tiles<4, float>(x, u, bias, residual, relu, out, block, brgemm);
