@@ -15,8 +15,9 @@
 #   4. bf16, where the CPU has bf16 instructions (avx512_bf16 or amx_bf16; CPU_CHECK_BF16=1 forces
 #      it elsewhere): the same models against eager fp32 (the bf16 targets' baseline), eager bf16,
 #      torch.compile bf16 and OpenVINO bf16 -> bf16/;
-#   5. resnet50 batch 1 conv by conv against ONNX Runtime (benchmarks/per_layer.py) -> per_layer/.
-# About 25 minutes on 2 cores. CPU_CHECK_SKIP="tests fp32 bf16 per_layer" leaves stages out;
+#   5. resnet50 batch 1 conv by conv against ONNX Runtime and OpenVINO, inside whole forwards
+#      (benchmarks/per_layer.py) -> per_layer/; in bf16 too where stage 4 runs -> per_layer_bf16/.
+# About 25 minutes on 2 cores. CPU_CHECK_SKIP="tests fp32 bf16 per_layer per_layer_bf16" leaves stages out;
 # CPU_CHECK_ROUNDS (10) and CPU_CHECK_RUNS (3) size stage 3; CPU_CHECK_MODELS, CPU_CHECK_BATCH and
 # CPU_CHECK_SIZE (default resnet18,resnet50 / 1,8 / 224) shrink stages 3-5 for a rehearsal (the
 # smoke test runs it at 32x32). Exit status 1 when a stage fails (a failing test, a result off
@@ -86,7 +87,9 @@ run_tests() {
 stage tests run_tests
 stage fp32 "$PY" benchmarks/interleaved.py --models "$MODELS" --batch "$BATCH" --size "$SIZE" --rounds "$ROUNDS" \
   --runs "$RUNS" --out "$OUT/fp32"
+bf16=0
 if [[ " $flags " == *" avx512_bf16 "* || " $flags " == *" amx_bf16 "* || "${CPU_CHECK_BF16:-0}" = 1 ]]; then
+  bf16=1
   stage bf16 "$PY" benchmarks/interleaved.py --dtype bf16 --models "$MODELS" --batch "$BATCH" --size "$SIZE" \
     --rounds "$(( ROUNDS < 6 ? ROUNDS : 6 ))" --runs "$RUNS" --out "$OUT/bf16"
 else
@@ -94,6 +97,10 @@ else
 fi
 stage per_layer "$PY" benchmarks/per_layer.py --model "${MODELS##*,}" --batch 1 --size "$SIZE" --rounds 10 \
   --out "$OUT/per_layer"
+if [ "$bf16" = 1 ]; then
+  stage per_layer_bf16 "$PY" benchmarks/per_layer.py --dtype bf16 --model "${MODELS##*,}" --batch 1 --size "$SIZE" \
+    --rounds 10 --out "$OUT/per_layer_bf16"
+fi
 
 for table in fp32/interleaved.md bf16/interleaved.md; do
   [ -f "$OUT/$table" ] && { echo; cat "$OUT/$table"; } | tee -a "$LOG"

@@ -192,7 +192,7 @@ def model_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device
 
 # Runtimes a user would pick on a CPU instead of torch (module -> label); optional: the `peers` extra.
 PEERS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
-_OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
+OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device | str,
@@ -225,8 +225,8 @@ def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device 
                 continue
             variants.append(Variant(label, lambda: _onnxruntime(onnx()), kind="peer"))
         else:
-            precision = _OPENVINO_PRECISION.get(dtype)
-            reason = _openvino_unsupported(precision)
+            precision = OPENVINO_PRECISION.get(dtype)
+            reason = openvino_unsupported(precision)
             if reason:
                 notes.append(f"{label} skipped: {reason}")
                 continue
@@ -267,7 +267,8 @@ def _onnxruntime(onnx: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.from_numpy(session.run(None, {"images": x.float().numpy()})[0])
 
 
-def _openvino_unsupported(precision: str | None) -> str | None:
+def openvino_unsupported(precision: str | None) -> str | None:
+    """Why OpenVINO cannot run at ``precision`` here (``None`` when it can)."""
     if precision is None:
         return "compared in float32 and bfloat16 only"
     if precision == "bf16":
@@ -278,17 +279,24 @@ def _openvino_unsupported(precision: str | None) -> str | None:
     return None
 
 
-def _openvino(onnx: bytes, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def openvino_model(onnx: bytes, precision: str, **config):
+    """OpenVINO's compiled model of an ONNX export, configured as every comparison with it runs it
+    (latency hint, ``precision`` "f32" or "bf16", torch's thread count); ``config`` adds settings
+    (``PERF_COUNT="YES"`` for its per-node counters)."""
     import openvino as ov
 
     core = ov.Core()
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision,
-              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+              "INFERENCE_NUM_THREADS": torch.get_num_threads(), **config}
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(onnx)
-        request = core.compile_model(core.read_model(path), "CPU", config).create_infer_request()
+        return core.compile_model(core.read_model(path), "CPU", config)
+
+
+def _openvino(onnx: bytes, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    request = openvino_model(onnx, precision).create_infer_request()
     return lambda x: torch.from_numpy(request.infer({0: x.float().numpy()})[0])
 
 

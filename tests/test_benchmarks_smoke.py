@@ -313,7 +313,7 @@ def test_cpu_check_script(tmp_path):
     result = _cpu_check(tmp_path, CPU_CHECK_BF16="1", CPU_CHECK_TESTS="tests/test_folding.py")
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "cpu_check.log").read_text()
-    for stage in ("tests", "fp32", "bf16", "per_layer"):
+    for stage in ("tests", "fp32", "bf16", "per_layer", "per_layer_bf16"):
         assert f"cpu_check: {stage}: exit 0 after" in log, log[-3000:]
     assert " passed" in (tmp_path / "tests.log").read_text()
     env = json.loads((tmp_path / "environment.json").read_text())
@@ -323,45 +323,83 @@ def test_cpu_check_script(tmp_path):
         assert {r["dtype"] for r in rows} == {dtype} and {r["model"] for r in rows} == {"resnet18"}
         assert f"| resnet18 | 1 | {dtype} |" in log  # the tables are printed at the end
     assert json.loads((tmp_path / "per_layer" / "per_layer.json").read_text())["model"] == "resnet18"
+    assert json.loads((tmp_path / "per_layer_bf16" / "per_layer.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_cpu_check_script_runs_bf16_only_where_the_cpu_has_it(tmp_path):
     from resnet_fused import bench
 
-    result = _cpu_check(tmp_path, CPU_CHECK_SKIP="tests fp32 bf16 per_layer")
+    result = _cpu_check(tmp_path, CPU_CHECK_SKIP="tests fp32 bf16 per_layer per_layer_bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "cpu_check.log").read_text()
     has_bf16 = {"avx512_bf16", "amx_bf16"} & set(bench.cpu_flags())
     if has_bf16:
         assert "cpu_check: bf16: skipped (CPU_CHECK_SKIP)" in log
+        assert "cpu_check: per_layer_bf16: skipped (CPU_CHECK_SKIP)" in log
     else:
         assert "cpu_check: bf16: not run: this CPU has neither avx512_bf16 nor amx_bf16" in log
+        assert "per_layer_bf16" not in log
     assert not (tmp_path / "bf16").exists() and "cpu_check: done, exit 0" in log
 
 
-def test_per_layer_script(tmp_path):
-    result = subprocess.run(
+def _per_layer(out, *args):
+    return subprocess.run(
         [sys.executable, str(BENCHMARKS / "per_layer.py"), "--model", "resnet18", "--size", "32", "--rounds", "2",
-         "--out", str(tmp_path)],
+         "--out", str(out), *args],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
-    if not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
-        assert result.returncode == 2 and "pip install 'resnet-fused[peers]'" in result.stderr
-        return
+
+
+def _installed(*modules) -> bool:
+    return all(importlib.util.find_spec(m) for m in modules)
+
+
+def test_per_layer_script(tmp_path):
+    result = _per_layer(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "per_layer.json").read_text())
+    expected = [label for label, modules in (("ONNX Runtime", ("onnx", "onnxruntime")),
+                                             ("OpenVINO f32", ("onnx", "openvino"))) if _installed(*modules)]
+    assert data["peers"] == expected and len(data["notes"]) == 2 - len(expected)
     layers = data["layers"]
     assert len(layers) == 20  # resnet18: the stem, 16 3x3 convs, 3 strided 1x1 shortcuts
     assert [layer["weight"] for layer in layers[:2]] == [[64, 3, 7, 7], [64, 64, 3, 3]]
     assert sum(layer["residual"] for layer in layers) == 8  # each BasicBlock's second conv
-    assert all(layer["ours_ms"] > 0 and layer["ort_ms"] > 0 for layer in layers)
+    assert all(layer["ours_ms"] > 0 and layer["kernel"] != "?" for layer in layers)
+    for label in expected:
+        # Paired by shape, whatever order the peer ran them in (OpenVINO runs a block's shortcut first).
+        assert all(layer["peers"][label]["weight"] == layer["weight"] and layer["peers"][label]["x"] == layer["x"]
+                   and layer["peers"][label]["ms"] > 0 for layer in layers)
+        assert len({layer["peers"][label]["node"] for layer in layers}) == 20
+        assert data["peer_total_ms"][label] == pytest.approx(sum(layer["peers"][label]["ms"] for layer in layers))
+    if "OpenVINO f32" in expected:
+        assert all(layer["peers"]["OpenVINO f32"]["residual"] == layer["residual"] for layer in layers)
+        assert {layer["peers"]["OpenVINO f32"]["kernel"] for layer in layers} != {"?"}
     assert data["ours_total_ms"] == pytest.approx(sum(layer["ours_ms"] for layer in layers))
     kinds = {e["kind"]: e for e in data["by_kind"]}
     assert {k: e["count"] for k, e in kinds.items()} == {"7x7 stem": 1, "3x3": 13, "3x3 stride 2": 3, "1x1 stride 2": 3}
     assert kinds["7x7 stem"]["macs"] == 16 * 16 * 64 * 3 * 49  # 32x32 -> 16x16, 64 filters of 3x7x7
     assert kinds["1x1 stride 2"]["macs"] == 4 * 4 * 128 * 64 + 2 * 2 * 256 * 128 + 1 * 1 * 512 * 256  # 8x8 -> 4x4 ...
     assert sum(e["ours_ms"] for e in kinds.values()) == pytest.approx(data["ours_total_ms"])
-    assert sum(e["ort_ms"] for e in kinds.values()) == pytest.approx(data["ort_total_ms"])
+    for label in expected:
+        assert sum(e["peer_ms"][label] for e in kinds.values()) == pytest.approx(data["peer_total_ms"][label])
     text = (tmp_path / "per_layer.md").read_text()
     assert text.count("\n| ") == len(layers) + 2 + len(kinds) + 2 and data["environment"]["device_name"] in text
     assert "| 7x7 stem | 1 | 0.002 |" in text
+
+
+def test_per_layer_script_bf16(tmp_path):
+    from resnet_fused import bench
+
+    result = _per_layer(tmp_path, "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "per_layer.json").read_text())
+    assert data["dtype"] == "bfloat16" and "ONNX Runtime" not in data["peers"]
+    if _installed("onnx", "onnxruntime"):
+        assert "ONNX Runtime left out: it runs this model in float32 only" in data["notes"]
+    # OpenVINO runs bf16 where the CPU has the instructions for it, and says why not elsewhere.
+    openvino_bf16 = _installed("onnx", "openvino") and bench.openvino_unsupported("bf16") is None
+    assert data["peers"] == (["OpenVINO bf16"] if openvino_bf16 else [])
+    assert all(layer["kernel"] != "?" and layer["ours_ms"] > 0 for layer in data["layers"])
+    text = (tmp_path / "per_layer.md").read_text()
+    assert "32x32 bfloat16" in text and all(f"Note: {note}" in text for note in data["notes"])
