@@ -17,9 +17,8 @@ weight, input and output are not left in the caches by the call before (measured
 EPYC Zen 4, resnet50 batch 1 fp32: our convs summed to 33 ms repeated alone, 41-42 ms inside
 forwards), so only in-model times compare layers fairly.
 
-Medians over the rounds; each round sleeps 0.1 s first (ONNX Runtime's threads spin after a run and
-take a core from whatever runs next). Everything is warmed up first, so our per-shape kernel timing
-is not in the numbers. The totals add up the convs only; whole-model latency is
+Medians over the rounds; each round idles 0.1 s, then runs the model twice and counts the second
+(see _idle_then). Everything is warmed up first, so our per-shape kernel timing is not in the numbers. The totals add up the convs only; whole-model latency is
 benchmarks/interleaved.py's job. A second table sums the convs by kind (stem, 1x1, 3x3, strided),
 each with its rate in GMAC/s. Writes DIR/per_layer.json and DIR/per_layer.md with --out.
 """
@@ -43,7 +42,13 @@ ORT = "ONNX Runtime"
 
 
 def _idle_then(run) -> None:
+    """One round: 0.1 s of idle (ONNX Runtime's threads spin after a run and take a core from
+    whatever runs next), then `run` twice; only the second is counted. WHY: the first forward after
+    an idle spell ran its first layers up to 2x slower here (a bf16 resnet50 batch 8's first 1x1
+    conv: 5.1 ms against 2.4 in a busy loop) while the cores woke up, which put a wake-up cost on the
+    first layers, not on the kernels."""
     time.sleep(0.1)
+    run()
     run()
 
 
@@ -54,19 +59,20 @@ def _ours(fused, x, rounds: int) -> list[dict]:
         for _ in range(rounds):
             _idle_then(lambda: fused(x))
     calls = [e for e in prof.events() if e.name == OP and e.cpu_parent is None]
-    per_round = len(calls) // rounds
-    if per_round == 0 or per_round * rounds != len(calls):
-        raise RuntimeError(f"expected the same number of {OP} calls per forward, got {len(calls)} in {rounds} rounds")
+    per_forward = len(calls) // (2 * rounds)
+    if per_forward == 0 or per_forward * 2 * rounds != len(calls):
+        raise RuntimeError(f"expected the same number of {OP} calls per forward, got {len(calls)} in {2 * rounds}")
+    counted = [calls[f * per_forward:(f + 1) * per_forward] for f in range(1, 2 * rounds, 2)]  # each round's second
     layers = []
-    for i in range(per_round):
-        first = calls[i]
+    for i in range(per_forward):
+        first = counted[0][i]
         stride = first.concrete_inputs[3] if len(first.concrete_inputs) > 3 else None
         layers.append({
             "x": list(first.input_shapes[0]),
             "weight": list(first.input_shapes[1]),
             "stride": list(stride) if isinstance(stride, (list, tuple)) else None,
             "residual": bool(first.input_shapes[6]) if len(first.input_shapes) > 6 else False,
-            "ours_ms": statistics.median(calls[i + r * per_round].cpu_time_total / 1e3 for r in range(rounds)),
+            "ours_ms": statistics.median(forward[i].cpu_time_total / 1e3 for forward in counted),
         })
     return layers
 
@@ -89,16 +95,16 @@ def _onnxruntime(onnx: bytes, x: torch.Tensor, rounds: int, warmup: int = 3) -> 
             _idle_then(lambda: session.run(None, feed))
         events = json.loads(Path(session.end_profiling()).read_text())
     convs = [e for e in events if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "Conv"]
-    per_run = len(convs) // (warmup + rounds)
-    convs = convs[warmup * per_run:]
+    per_run = len(convs) // (warmup + 2 * rounds)
+    counted = [convs[(warmup + r) * per_run:(warmup + r + 1) * per_run] for r in range(1, 2 * rounds, 2)]
     layers = []
     for i in range(per_run):
-        shapes = [next(iter(s.values())) for s in convs[i]["args"]["input_type_shape"]]
+        shapes = [next(iter(s.values())) for s in counted[0][i]["args"]["input_type_shape"]]
         layers.append({
-            "node": convs[i]["name"].removesuffix("_kernel_time"),
+            "node": counted[0][i]["name"].removesuffix("_kernel_time"),
             "x": shapes[0],
             "weight": shapes[1],
-            "ms": statistics.median(convs[i + r * per_run]["dur"] / 1e3 for r in range(rounds)),
+            "ms": statistics.median(run[i]["dur"] / 1e3 for run in counted),
         })
     return layers
 
