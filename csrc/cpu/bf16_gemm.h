@@ -61,6 +61,14 @@ struct Epilogue {
   bool relu = false;
 };
 
+// Where the next micro-kernel call of a gemm_panels() stores (bf16 output only): its first output
+// row and residual row (rows ld_out and Epilogue::ld_residual apart), and how many rows it has.
+struct NextCall {
+  const uint16_t* out = nullptr;
+  const uint16_t* residual = nullptr;
+  int rows = 0;
+};
+
 #if RF_HAVE_X86
 RF_AVX512_BF16 inline __m512 widen(const uint16_t* p) {
   // bf16 is the top half of an fp32: shifting the 16 bits up is the exact conversion. (The
@@ -103,7 +111,8 @@ __attribute__((always_inline)) RF_AVX512_BF16 inline void add_pair(__m512 (&acc)
 template <int R, int P, typename Out>
 RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, int64_t row_taps,
                                         const uint16_t* const* rows, const uint16_t* panel, int64_t tap_stride,
-                                        int64_t panel_stride, Out* out, int64_t ld_out, const Epilogue& e) {
+                                        int64_t panel_stride, Out* out, int64_t ld_out, const Epilogue& e,
+                                        const NextCall& next) {
   static_assert(R >= 1 && R <= kRows && (P == 1 || P == 2), "1 to 12 rows, 1 or 2 panels");
   __m512 acc[R][P];
 #pragma GCC unroll 24
@@ -113,6 +122,12 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
       acc[r][p] = _mm512_setzero_ps();
     }
   }
+  // The lines the next call's epilogue reads and writes (`next`), one row per channel-pair step,
+  // so that it does not wait on memory. WHY: at batch 8 a 1x1 conv's activations live in DRAM, and
+  // the epilogue's burst of residual loads and output stores at the end of each call stalled it.
+  // With them, on the Zen 4 EPYC (in-process A/B, medians of 14 alternating rounds, two runs each):
+  // bf16 resnet50 batch 8 4.8-5.9% faster, batch 1 0.6-1.4%; resnet18 batch 8 0.5%, batch 1 1.1%.
+  int next_row = 0;
   for (int64_t t = 0; t < taps; ++t) {
     const uint16_t* v[R];
 #pragma GCC unroll 24
@@ -122,6 +137,15 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
     const uint16_t* u = panel + t * tap_stride;
     for (int64_t i = 0; i < pairs; ++i) {
       add_pair<R, P, false>(acc, v, u + i * 2 * kPanel, panel_stride, i);
+      if constexpr (!std::is_same_v<Out, float>) {
+        if (next_row < next.rows) {
+          _mm_prefetch(reinterpret_cast<const char*>(next.out + next_row * ld_out), _MM_HINT_T0);
+          if (next.residual != nullptr) {
+            _mm_prefetch(reinterpret_cast<const char*>(next.residual + next_row * e.ld_residual), _MM_HINT_T0);
+          }
+          ++next_row;
+        }
+      }
     }
     if (odd) {
       add_pair<R, P, true>(acc, v, u + pairs * 2 * kPanel, panel_stride, pairs);
@@ -151,10 +175,10 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
 template <int P, typename Out>
 RF_AVX512_BF16 inline void rows_of(int64_t n_rows, int64_t pairs, bool odd, int64_t taps, const uint16_t* const* rows,
                                    const uint16_t* panel, int64_t tap_stride, int64_t panel_stride, Out* out,
-                                   int64_t ld_out, const Epilogue& e) {
+                                   int64_t ld_out, const Epilogue& e, const NextCall& next) {
   switch (n_rows) {
 #define RF_ROWS_CASE(R) \
-  case R: micro_kernel<R, P, Out>(pairs, odd, taps, taps, rows, panel, tap_stride, panel_stride, out, ld_out, e); break;
+  case R: micro_kernel<R, P, Out>(pairs, odd, taps, taps, rows, panel, tap_stride, panel_stride, out, ld_out, e, next); break;
     RF_ROWS_CASE(12) RF_ROWS_CASE(11) RF_ROWS_CASE(10) RF_ROWS_CASE(9) RF_ROWS_CASE(8) RF_ROWS_CASE(7)
     RF_ROWS_CASE(6) RF_ROWS_CASE(5) RF_ROWS_CASE(4) RF_ROWS_CASE(3) RF_ROWS_CASE(2) RF_ROWS_CASE(1)
 #undef RF_ROWS_CASE
@@ -182,10 +206,20 @@ RF_AVX512_BF16 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, c
       const int64_t n_rows = std::min<int64_t>(kRows, count - r);
       const uint16_t* const* rr = rows + r * taps;
       Out* o = out + r * ld_out + p * kPanel;
+      NextCall next;
+      if constexpr (!std::is_same_v<Out, float>) {
+        // The next call: 12 rows on, else the next two panels from row 0, else none.
+        const int64_t next_r = r + kRows < count ? r + kRows : 0, next_p = r + kRows < count ? p : p + 2;
+        if (next_p < panels) {
+          next.out = out + next_r * ld_out + next_p * kPanel;
+          next.residual = e.residual == nullptr ? nullptr : e.residual + next_r * e.ld_residual + next_p * kPanel;
+          next.rows = static_cast<int>(std::min<int64_t>(kRows, count - next_r));
+        }
+      }
       if (p + 1 < panels) {
-        rows_of<2>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er);
+        rows_of<2>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er, next);
       } else {
-        rows_of<1>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er);
+        rows_of<1>(n_rows, pairs, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out, er, next);
       }
     }
   }
