@@ -61,12 +61,16 @@ struct Epilogue {
   bool relu = false;
 };
 
-// Where the next micro-kernel call of a gemm_panels() stores (bf16 output only): its first output
-// row and residual row (rows ld_out and Epilogue::ld_residual apart), and how many rows it has.
+// What the next micro-kernel call of a gemm_panels() touches first (bf16 output only): its first
+// output row and residual row (rows ld_out and Epilogue::ld_residual apart) and how many rows it
+// has; where it is the first to read its input rows, their pointers, count and 64-byte lines each.
 struct NextCall {
   const uint16_t* out = nullptr;
   const uint16_t* residual = nullptr;
   int rows = 0;
+  const uint16_t* const* in = nullptr;
+  int in_rows = 0;
+  int lines_per_row = 0;
 };
 
 #if RF_HAVE_X86
@@ -123,11 +127,13 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
     }
   }
   // The lines the next call's epilogue reads and writes (`next`), one row per channel-pair step,
-  // so that it does not wait on memory. WHY: at batch 8 a 1x1 conv's activations live in DRAM, and
-  // the epilogue's burst of residual loads and output stores at the end of each call stalled it.
-  // With them, on the Zen 4 EPYC (in-process A/B, medians of 14 alternating rounds, two runs each):
-  // bf16 resnet50 batch 8 4.8-5.9% faster, batch 1 0.6-1.4%; resnet18 batch 8 0.5%, batch 1 1.1%.
-  int next_row = 0;
+  // and those of its input rows, one line per step, so that it does not wait on memory. WHY: at
+  // batch 8 a 1x1 conv's activations live in DRAM, and each call began with a burst of input
+  // misses and ended with one of residual loads and output stores. On the Zen 4 EPYC (in-process
+  // A/B, medians of 14 alternating rounds, two runs each), bf16 resnet50 batch 8: the epilogue's
+  // lines 4.8-5.9% faster, the input rows another 2.9-4.1%; batch 1 0.6-1.4% and 0-1.8%; resnet18
+  // batch 1 and 8 within +-1.1%.
+  int next_row = 0, in_row = 0, in_line = 0;
   for (int64_t t = 0; t < taps; ++t) {
     const uint16_t* v[R];
 #pragma GCC unroll 24
@@ -144,6 +150,13 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
             _mm_prefetch(reinterpret_cast<const char*>(next.residual + next_row * e.ld_residual), _MM_HINT_T0);
           }
           ++next_row;
+        }
+        if (in_row < next.in_rows) {
+          _mm_prefetch(reinterpret_cast<const char*>(next.in[in_row] + in_line * 32), _MM_HINT_T0);
+          if (++in_line == next.lines_per_row) {
+            in_line = 0;
+            ++in_row;
+          }
         }
       }
     }
@@ -214,6 +227,12 @@ RF_AVX512_BF16 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, c
           next.out = out + next_r * ld_out + next_p * kPanel;
           next.residual = e.residual == nullptr ? nullptr : e.residual + next_r * e.ld_residual + next_p * kPanel;
           next.rows = static_cast<int>(std::min<int64_t>(kRows, count - next_r));
+        }
+        if (p == 0 && taps == 1 && r + kRows < count) {
+          // A 1x1 conv's next rows too, on the first two panels (where they are first read).
+          next.in = rows + r + kRows;
+          next.in_rows = static_cast<int>(std::min<int64_t>(kRows, count - r - kRows));
+          next.lines_per_row = static_cast<int>((c * 2 + 63) / 64);
         }
       }
       if (p + 1 < panels) {
