@@ -14,13 +14,18 @@ here, is left out with a note. Each peer conv is paired with ours by input and w
 
 Why inside whole forwards: a conv repeated on its own runs faster than in a model, where its
 weight, input and output are not left in the caches by the call before (measured here on an AMD
-EPYC Zen 4, resnet50 batch 1 fp32: our convs summed to 33 ms repeated alone, 41-42 ms inside
+EPYC Zen 4, resnet50 batch 1 fp32: our convs summed to 33 ms repeated alone, 39.5-42.7 ms inside
 forwards), so only in-model times compare layers fairly.
 
+A caveat on ours: under torch.profiler, a conv our timing gave to oneDNN (kernel "direct") read
+5.1 ms where wall-clock timing around the same module in a forward read 2.3 (bf16 resnet50 batch
+8's first 1x1 conv, Zen 4 EPYC; not explained yet), so rows on that path may read high.
+
 Medians over the rounds; each round idles 0.1 s, then runs the model twice and counts the second
-(see _idle_then). Everything is warmed up first, so our per-shape kernel timing is not in the numbers. The totals add up the convs only; whole-model latency is
-benchmarks/interleaved.py's job. A second table sums the convs by kind (stem, 1x1, 3x3, strided),
-each with its rate in GMAC/s. Writes DIR/per_layer.json and DIR/per_layer.md with --out.
+(see _idle_then). Everything is warmed up first, so our per-shape kernel timing is not in the
+numbers. The totals add up the convs only; whole-model latency is benchmarks/interleaved.py's job.
+A second table sums the convs by kind (stem, 1x1, 3x3, strided), each with its rate in GMAC/s.
+Writes DIR/per_layer.json and DIR/per_layer.md with --out.
 """
 
 from __future__ import annotations
@@ -43,10 +48,10 @@ ORT = "ONNX Runtime"
 
 def _idle_then(run) -> None:
     """One round: 0.1 s of idle (ONNX Runtime's threads spin after a run and take a core from
-    whatever runs next), then `run` twice; only the second is counted. WHY: the first forward after
-    an idle spell ran its first layers up to 2x slower here (a bf16 resnet50 batch 8's first 1x1
-    conv: 5.1 ms against 2.4 in a busy loop) while the cores woke up, which put a wake-up cost on the
-    first layers, not on the kernels."""
+    whatever runs next), then `run` twice; only the second is counted, the steady state a serving
+    loop sees. WHY: the first forward after the idle spell pays for waking the threads and cores up
+    (fused resnet50 batch 1 fp32 here: 50.0 ms against 48.3 for the next; OpenVINO 41.7 and 41.6),
+    and that cost lands on whichever layers run first."""
     time.sleep(0.1)
     run()
     run()
