@@ -132,7 +132,9 @@ RF_AVX512_BF16 inline void micro_kernel(int64_t pairs, bool odd, int64_t taps, i
   // misses and ended with one of residual loads and output stores. On the Zen 4 EPYC (in-process
   // A/B, medians of 14 alternating rounds, two runs each), bf16 resnet50 batch 8: the epilogue's
   // lines 4.8-5.9% faster, the input rows another 2.9-4.1%; batch 1 0.6-1.4% and 0-1.8%; resnet18
-  // batch 1 and 8 within +-1.1%.
+  // batch 1 and 8 within +-1.1%. (avx2_gemm.h's core fetches its own epilogue lines at the start of
+  // a call instead; input rows are read from a call's first step, so they must come a call ahead,
+  // and the epilogue's lines come with them. That scheme in the AVX2 core: +0.7-1.8%, not kept.)
   int next_row = 0, in_row = 0, in_line = 0;
   for (int64_t t = 0; t < taps; ++t) {
     const uint16_t* v[R];
