@@ -98,6 +98,26 @@ inline std::array<int64_t, 4> check_conv_args(
   return out;
 }
 
+// max_pool2d's arguments (torch's rules: padding at most half the kernel, so every window holds
+// an input pixel); returns the (N, C, P, Q) output sizes.
+inline std::array<int64_t, 4> check_pool_args(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding) {
+  check_floating_4d("x", x);
+  TORCH_CHECK(kernel_size.size() == 2 && kernel_size[0] >= 1 && kernel_size[1] >= 1,
+              "resnet_fused: kernel_size must be two positive ints, got ", kernel_size);
+  TORCH_CHECK(stride.size() == 2 && stride[0] >= 1 && stride[1] >= 1,
+              "resnet_fused: stride must be two positive ints, got ", stride);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0 && 2 * padding[0] <= kernel_size[0] &&
+                  2 * padding[1] <= kernel_size[1],
+              "resnet_fused: padding must be non-negative and at most half of kernel_size ", kernel_size, ", got ",
+              padding);
+  const int64_t p = (x.size(2) + 2 * padding[0] - kernel_size[0]) / stride[0] + 1;
+  const int64_t q = (x.size(3) + 2 * padding[1] - kernel_size[1]) / stride[1] + 1;
+  TORCH_CHECK(p >= 1 && q >= 1, "resnet_fused: x of spatial size ", x.sizes().slice(2), " is too small for a ",
+              kernel_size[0], "x", kernel_size[1], " window with padding ", padding);
+  return {x.size(0), x.size(1), p, q};
+}
+
 // Reads an on/off switch from the environment on every call, so a benchmark can flip it between
 // runs in one process. Returns -1 when unset or "auto" (the op decides), else 0 or 1.
 inline int env_switch(const char* name) {

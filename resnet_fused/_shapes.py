@@ -32,3 +32,16 @@ def conv_output_shape(
     p = (h + 2 * padding[0] - r) // stride[0] + 1
     q = (w + 2 * padding[1] - s) // stride[1] + 1
     return (n, k, p, q)
+
+
+def pool_output_shape(
+    x_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> tuple[int, int, int, int]:
+    """(N, C, P, Q) of a 2-D pooling (floor mode, dilation 1) of an (N, C, H, W) input."""
+    n, c, h, w = x_shape
+    p = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    q = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    return (n, c, p, q)

@@ -5,7 +5,9 @@ What is recognised and fused:
   zero padding) and whose extras (squeeze-excite, anti-aliasing, drop-block, drop-path) are absent;
 - the stem ``conv -> BN -> ReLU`` of the known ResNet classes (:data:`STEM_SPECS`);
 - inside any ``nn.Sequential`` (a downsample shortcut, a deep stem), each ``Conv2d -> BatchNorm2d``
-  pair, together with a following ``nn.ReLU``.
+  pair, together with a following ``nn.ReLU``;
+- ``nn.MaxPool2d`` without dilation, ceil mode or indices (the pool after the stem) becomes
+  :class:`~resnet_fused.modules.MaxPool2d`, on the same backend.
 Everything else is left exactly as it was (deep-copied: the input model is never changed).
 """
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from . import ops, reference
 from .folding import fold_bn
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct
+from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, MaxPool2d
 
 __all__ = ["fuse", "BlockSpec", "BLOCK_SPECS", "STEM_SPECS"]
 
@@ -135,8 +137,15 @@ class _Fuser:
             setattr(model, names[1], nn.Identity())
             setattr(model, names[2], nn.Identity())
 
+    def max_pool(self, pool: nn.MaxPool2d) -> nn.Module:
+        if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
+            return pool
+        return MaxPool2d(pool.kernel_size, pool.stride, pool.padding, backend=self.backend)
+
     def walk(self, module: nn.Module) -> nn.Module:
         """Fused replacement for ``module`` (which belongs to the deep copy and may be reused)."""
+        if type(module) is nn.MaxPool2d:
+            return self.max_pool(module)
         spec = BLOCK_SPECS.get(type(module))
         if spec is not None:
             return self.block(module, spec) or module

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import _shapes, ops
 
-__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck"]
+__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "MaxPool2d"]
 
 
 class FusedConvBNAct(nn.Module):
@@ -90,3 +90,24 @@ class FusedBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.down_sample is None else self.down_sample(x)
         return self.conv_3(self.conv_2(self.conv_1(x)), residual=identity)
+
+
+class MaxPool2d(nn.Module):
+    """``nn.MaxPool2d`` (dilation 1, floor mode, no indices) through :func:`resnet_fused.ops.max_pool2d`,
+    which on the extension backend's CPU path skips the indices ATen computes for a backward."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, *, backend: str | None = None):
+        super().__init__()
+        self.kernel_size = _shapes.pair(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else _shapes.pair(stride, "stride")
+        self.padding = _shapes.pair(padding, "padding")
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"backend={self.backend or 'auto'}"
+        )

@@ -3,7 +3,7 @@
 Every op validates its inputs here, once, for all backends, then hands plain, checked arguments
 to a backend module from :mod:`resnet_fused.backends`. Each backend module answers two questions:
 ``unavailable_reason(device_type, dtype)`` (``None`` when it can run) and how to call it
-(``conv_bias_act``, ``add_relu``, ``bias_act``).
+(``conv_bias_act``, ``add_relu``, ``bias_act``, ``max_pool2d``).
 
 The ops are inference-only: none of the kernels has a backward, so an input that requires grad
 while grad mode is on is refused with an error rather than given an output silently detached
@@ -33,6 +33,7 @@ __all__ = [
     "BoundConvBiasAct",
     "add_relu",
     "bias_act",
+    "max_pool2d",
 ]
 
 BACKENDS = {
@@ -237,6 +238,19 @@ def _check_conv(x: _Meta, weight: _Meta, bias: _Meta | None, stride, padding, gr
 _checked_conv = functools.lru_cache(maxsize=4096)(_check_conv)
 
 
+def _run_check(check, cached_check, args):
+    """``check(*args)`` through its cache where the arguments allow it."""
+    if torch.compiler.is_compiling():
+        # Traced once per graph, so the cache saves nothing there; and Dynamo refuses hash() of a
+        # tuple (torch 2.11), while export's symbolic sizes are unhashable.
+        return check(*args)
+    try:
+        hash(args)
+    except TypeError:  # arguments of unusual types: checked (and refused) without the cache
+        return check(*args)
+    return cached_check(*args)
+
+
 def conv_bias_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -259,17 +273,7 @@ def conv_bias_act(
     b_meta = None if bias is None else _meta("bias", bias)
     r_meta = None if residual is None else _meta("residual", residual)
     args = (x_meta, w_meta, b_meta, _hashable(stride), _hashable(padding), groups, r_meta)
-    if torch.compiler.is_compiling():
-        # Traced once per graph, so the cache saves nothing there; and Dynamo refuses hash() of a
-        # tuple (torch 2.11), while export's symbolic sizes are unhashable.
-        out_shape, stride, padding = _check_conv(*args)
-    else:
-        try:
-            hash(args)
-        except TypeError:  # arguments of unusual types: checked (and refused) without the cache
-            out_shape, stride, padding = _check_conv(*args)
-        else:
-            out_shape, stride, padding = _checked_conv(*args)
+    out_shape, stride, padding = _run_check(_check_conv, _checked_conv, args)
     _check_no_grad(x=x, weight=weight, bias=bias, residual=residual)
     if x.numel() == 0 or weight.numel() == 0:
         return x.new_zeros(out_shape).contiguous(memory_format=torch.channels_last)
@@ -374,3 +378,45 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, *, relu: bool = True, backend:
     if x.numel() == 0:
         return torch.empty_like(x)
     return BACKENDS[resolve_backend(backend, x.device, x.dtype)].bias_act(x, bias, bool(relu))
+
+
+def _check_pool(x: _Meta, kernel_size, stride, padding):
+    """max_pool2d's checks that do not read tensor data; returns the output shape and the
+    (kernel_size, stride, padding) pairs."""
+    _check_tensor("x", x, 4)
+    kernel_size = _shapes.pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None else _shapes.pair(stride, "stride")
+    padding = _shapes.pair(padding, "padding")
+    if min(kernel_size) < 1:
+        raise ValueError(f"kernel_size must be positive, got {kernel_size}")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(padding) < 0 or any(2 * p > k for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"padding must be non-negative and at most half of kernel_size {kernel_size}, got {padding}")
+    out_shape = _shapes.pool_output_shape(x.shape, kernel_size, stride, padding)
+    if out_shape[2] < 1 or out_shape[3] < 1:
+        raise ValueError(
+            f"x of spatial size {tuple(x.shape[2:])} is too small for a {kernel_size[0]}x{kernel_size[1]} window "
+            f"with padding {padding} (output would be {out_shape[2]}x{out_shape[3]})"
+        )
+    return out_shape, kernel_size, stride, padding
+
+
+_checked_pool = functools.lru_cache(maxsize=256)(_check_pool)
+
+
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.max_pool2d`` (dilation 1, floor mode, no indices): the max over each
+    window, padding never chosen, a NaN in a window giving NaN. ``stride`` defaults to
+    ``kernel_size``. The output keeps x's memory layout."""
+    args = (_meta("x", x), _hashable(kernel_size), _hashable(stride), _hashable(padding))
+    _, kernel_size, stride, padding = _run_check(_check_pool, _checked_pool, args)
+    _check_no_grad(x=x)
+    return BACKENDS[resolve_backend(backend, x.device, x.dtype)].max_pool2d(x, kernel_size, stride, padding)

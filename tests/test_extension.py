@@ -218,6 +218,9 @@ def _opcheck_samples(device):
     yield "bias_act_sliced", "bias_act", (rand(2, 6, 5, 4, layout="sliced"), rand(6), False)
     yield "add_relu_mixed", "add_relu", (
         rand(2, 6, 5, 4), rand(2, 6, 5, 4, layout="channels_last"))
+    yield "max_pool_cl", "max_pool2d", (rand(2, 19, 9, 8, layout="channels_last"), [3, 3], [2, 2], [1, 1])
+    yield "max_pool_nchw", "max_pool2d", (rand(1, 6, 7, 9), [2, 3], [2, 1], [0, 1])
+    yield "max_pool_sliced", "max_pool2d", (rand(2, 6, 5, 4, layout="sliced"), [3, 3], [1, 1], [1, 1])
 
 
 @needs_ext

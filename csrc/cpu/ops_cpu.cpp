@@ -11,6 +11,7 @@
 #include "../common.h"
 #include "avx2_gemm.h"
 #include "implicit_gemm.h"
+#include "max_pool.h"
 #include "output_pool.h"
 #include "weight_cache.h"
 #include "winograd.h"
@@ -24,6 +25,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/max_pool2d.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
@@ -872,6 +874,18 @@ at::Tensor conv_bias_act_cpu(
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);
 }
 
+at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding) {
+  const auto out_sizes = check_pool_args(x, kernel_size, stride, padding);
+  if (x.numel() == 0 || x.scalar_type() == at::kDouble || !can_max_pool2d_channels_last() ||
+      !x.is_contiguous(c10::MemoryFormat::ChannelsLast) || x.suggest_memory_format() != c10::MemoryFormat::ChannelsLast) {
+    return at::max_pool2d(x, kernel_size, stride, padding);  // ATen's, for what ours does not take
+  }
+  at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
+  max_pool2d_channels_last(x, kernel_size, stride, padding, out);
+  return out;
+}
+
 at::Tensor bias_act_cpu(const at::Tensor& x, const at::Tensor& bias, bool relu) {
   return bias_act_with(epilogue_cpu, x, bias, relu);
 }
@@ -912,4 +926,5 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("conv_bias_act", &resnet_fused::conv_bias_act_cpu);
   m.impl("bias_act", &resnet_fused::bias_act_cpu);
   m.impl("add_relu", &resnet_fused::add_relu_cpu);
+  m.impl("max_pool2d", &resnet_fused::max_pool2d_cpu);
 }

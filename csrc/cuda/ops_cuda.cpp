@@ -12,6 +12,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/cudnn_convolution_add_relu.h>
+#include <ATen/ops/max_pool2d.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -258,6 +259,13 @@ at::Tensor add_relu_cuda(const at::Tensor& x, const at::Tensor& residual) {
   return add_relu_with(epilogue_cuda, x, residual);
 }
 
+// cuDNN's pool (through ATen) is already without the indices a backward would need.
+at::Tensor max_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding) {
+  check_pool_args(x, kernel_size, stride, padding);
+  return at::max_pool2d(x, kernel_size, stride, padding);
+}
+
 }  // namespace
 }  // namespace resnet_fused
 
@@ -265,4 +273,5 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv_bias_act", &resnet_fused::conv_bias_act_cuda);
   m.impl("bias_act", &resnet_fused::bias_act_cuda);
   m.impl("add_relu", &resnet_fused::add_relu_cuda);
+  m.impl("max_pool2d", &resnet_fused::max_pool2d_cuda);
 }

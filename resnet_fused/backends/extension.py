@@ -98,7 +98,7 @@ GEMM_CORE_ENV = "RESNET_FUSED_GEMM_CORE"
 THREAD_SPLIT_ENV = "RESNET_FUSED_THREAD_SPLIT"
 CPU_ISA_ENV = "RESNET_FUSED_CPU_ISA"
 CPU_POOL_ENV = "RESNET_FUSED_CPU_POOL_MB"
-OPS = ("conv_bias_act", "bias_act", "add_relu")
+OPS = ("conv_bias_act", "bias_act", "add_relu", "max_pool2d")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
@@ -222,6 +222,7 @@ if _LOAD_ERROR is None:
     _conv_bias_act = torch.ops.resnet_fused.conv_bias_act.default
     _bias_act = torch.ops.resnet_fused.bias_act.default
     _add_relu = torch.ops.resnet_fused.add_relu.default
+    _max_pool2d = torch.ops.resnet_fused.max_pool2d.default
 
     @torch.library.register_fake("resnet_fused::conv_bias_act")
     def _conv_bias_act_fake(x, weight, bias, stride, padding, groups, residual, relu):
@@ -236,6 +237,11 @@ if _LOAD_ERROR is None:
     def _add_relu_fake(x, residual):
         return torch.empty_like(x, memory_format=_suggest_memory_format(x))
 
+    @torch.library.register_fake("resnet_fused::max_pool2d")
+    def _max_pool2d_fake(x, kernel_size, stride, padding):
+        shape = _shapes.pool_output_shape(x.shape, kernel_size, stride, padding)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_suggest_memory_format(x))
+
 
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
     return _conv_bias_act(x, weight, bias, list(stride), list(padding), groups, residual, relu)
@@ -247,3 +253,7 @@ def add_relu(x, residual):
 
 def bias_act(x, bias, relu):
     return _bias_act(x, bias, relu)
+
+
+def max_pool2d(x, kernel_size, stride, padding):
+    return _max_pool2d(x, list(kernel_size), list(stride), list(padding))
