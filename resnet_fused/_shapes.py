@@ -20,6 +20,13 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return values
 
 
+def _window_output(
+    h: int, w: int, window: Sequence[int], stride: Sequence[int], padding: Sequence[int]
+) -> tuple[int, int]:
+    """(P, Q) of a window slid over an (H, W) map (floor mode, dilation 1)."""
+    return ((h + 2 * padding[0] - window[0]) // stride[0] + 1, (w + 2 * padding[1] - window[1]) // stride[1] + 1)
+
+
 def conv_output_shape(
     x_shape: Sequence[int],
     weight_shape: Sequence[int],
@@ -29,9 +36,7 @@ def conv_output_shape(
     """(N, K, P, Q) of a 2-D convolution of an (N, C, H, W) input with a (K, C/groups, R, S) weight."""
     n, _, h, w = x_shape
     k, _, r, s = weight_shape
-    p = (h + 2 * padding[0] - r) // stride[0] + 1
-    q = (w + 2 * padding[1] - s) // stride[1] + 1
-    return (n, k, p, q)
+    return (n, k, *_window_output(h, w, (r, s), stride, padding))
 
 
 def pool_output_shape(
@@ -42,6 +47,4 @@ def pool_output_shape(
 ) -> tuple[int, int, int, int]:
     """(N, C, P, Q) of a 2-D pooling (floor mode, dilation 1) of an (N, C, H, W) input."""
     n, c, h, w = x_shape
-    p = (h + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    q = (w + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return (n, c, p, q)
+    return (n, c, *_window_output(h, w, kernel_size, stride, padding))
