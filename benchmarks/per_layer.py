@@ -10,7 +10,8 @@ its node profiler's kernel time for each Conv node (its blocked-layout convs, wi
 the residual add fused in). OpenVINO (f32, or bf16 where the CPU has the instructions for it;
 configured as benchmarks/interleaved.py runs it): its per-node counters (``PERF_COUNT``) for each
 Convolution node, and the kernel it ran. A peer that is not installed, or cannot run the dtype
-here, is left out with a note. Each peer conv is paired with ours by input and weight shape, in order.
+here, is left out with a note. Each peer conv is paired with ours by input and weight shape (and
+residual), in whatever order the peer ran them (see _matched).
 
 Why inside whole forwards: a conv repeated on its own runs faster than in a model, where its
 weight, input and output are not left in the caches by the call before (measured here on an AMD
@@ -31,7 +32,6 @@ Writes DIR/per_layer.json and DIR/per_layer.md with --out.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -43,7 +43,6 @@ import torch
 
 OP = "resnet_fused::conv_bias_act"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ORT = "ONNX Runtime"
 
 
 def _idle_then(run) -> None:
@@ -149,27 +148,13 @@ def _openvino(onnx: bytes, x: torch.Tensor, precision: str, rounds: int, warmup:
 
 def peers(dtype: torch.dtype) -> tuple[dict, list[str]]:
     """The peers that can run here in ``dtype`` (label -> function of (onnx, x, rounds)), and a note
-    for each one that cannot."""
+    for each one that cannot (resnet_fused.bench.runnable_peers, shared with the whole-model runs)."""
     from resnet_fused import bench
 
-    runnable, notes = {}, []
-    if importlib.util.find_spec("onnx") is None:  # torch.onnx.export writes their graph with it
-        return {}, [f"{label} left out: onnx is not installed (pip install 'resnet-fused[peers]')"
-                    for label in (ORT, "OpenVINO")]
-    if importlib.util.find_spec("onnxruntime") is None:
-        notes.append(f"{ORT} left out: onnxruntime is not installed (pip install 'resnet-fused[peers]')")
-    elif dtype != torch.float32:
-        notes.append(f"{ORT} left out: it runs this model in float32 only")
-    else:
-        runnable[ORT] = _onnxruntime
-    precision = bench.OPENVINO_PRECISION[dtype]
-    if importlib.util.find_spec("openvino") is None:
-        notes.append("OpenVINO left out: openvino is not installed (pip install 'resnet-fused[peers]')")
-    elif (reason := bench.openvino_unsupported(precision)) is not None:
-        notes.append(f"OpenVINO {precision} left out: {reason}")
-    else:
-        runnable[f"OpenVINO {precision}"] = lambda onnx, x, rounds: _openvino(onnx, x, precision, rounds)
-    return runnable, notes
+    runnable, notes = bench.runnable_peers(dtype)
+    functions = {"onnxruntime": _onnxruntime,
+                 "openvino": lambda onnx, x, rounds: _openvino(onnx, x, bench.OPENVINO_PRECISION[dtype], rounds)}
+    return {label: functions[module] for module, label in runnable.items()}, notes
 
 
 def _kernel_choices() -> dict[str, str]:
@@ -288,10 +273,12 @@ def _has_kernels(result: dict, label: str) -> bool:
 
 
 def markdown(result: dict) -> str:
+    from resnet_fused import bench
+
     env, labels = result["environment"], result["peers"]
     with_kernels = [label for label in labels if _has_kernels(result, label)]
     versions = "; ".join(f"{label} {env.get(module, '?')}" for module, label in
-                         (("onnxruntime", ORT), ("openvino", "OpenVINO")) if any(p.startswith(label) for p in labels))
+                         bench.PEERS.items() if any(p.startswith(label) for p in labels))
     header = ["#", "x", "weight", "stride", "residual", "ours ms",
               *[c for label in labels for c in (f"{label} ms", f"{label} / ours")],
               "our kernel", *[f"{label} kernel" for label in with_kernels]]

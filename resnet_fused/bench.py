@@ -195,24 +195,16 @@ PEERS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 OPENVINO_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device | str,
-                  example: torch.Tensor) -> tuple[list[Variant], list[str]]:
-    """ONNX Runtime and OpenVINO running one ``torch.onnx`` export of ``model`` (eval, float32): the
-    variants that can run here, and a one-line note for each peer that cannot (not installed, not
-    on this device, not in this dtype on this CPU).
-
-    Both take float32 images (a bf16 batch is converted) and return float32 logits: ONNX Runtime
-    computes in float32 and runs at ``dtype`` float32 only; OpenVINO's precision hint follows ``dtype``.
-    """
-    labels = ", ".join(PEERS.values())
-    if torch.device(device).type != "cpu":
-        return [], [f"{labels}: compared on the CPU only, skipped on {device}"]
+def runnable_peers(dtype: torch.dtype) -> tuple[dict[str, str], list[str]]:
+    """The peers that can run a CPU comparison in ``dtype`` here (module -> label, OpenVINO's with its
+    precision, e.g. "OpenVINO bf16"), and a one-line note for each that cannot (not installed, not in
+    this dtype on this CPU). ONNX Runtime computes in float32 and runs at ``dtype`` float32 only;
+    OpenVINO's precision hint follows ``dtype``."""
     try:
-        importlib.import_module("onnx")  # torch.onnx.export writes its graph with it
+        importlib.import_module("onnx")  # torch.onnx.export writes their graph with it
     except ImportError:
-        return [], [f"{labels} skipped: onnx is not installed (pip install 'resnet-fused[peers]')"]
-    variants, notes = [], []
-    onnx = functools.cache(lambda: onnx_bytes(model, example))  # one export, built with the first peer
+        return {}, [f"{', '.join(PEERS.values())} skipped: onnx is not installed (pip install 'resnet-fused[peers]')"]
+    runnable, notes = {}, []
     for module, label in PEERS.items():
         try:
             importlib.import_module(module)
@@ -223,14 +215,35 @@ def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device 
             if dtype != torch.float32:
                 notes.append(f"{label} skipped: it runs this model in float32 only, not {str(dtype).replace('torch.', '')}")
                 continue
-            variants.append(Variant(label, lambda: _onnxruntime(onnx()), kind="peer"))
+            runnable[module] = label
         else:
             precision = OPENVINO_PRECISION.get(dtype)
             reason = openvino_unsupported(precision)
             if reason:
                 notes.append(f"{label} skipped: {reason}")
                 continue
-            variants.append(Variant(f"{label} {precision}", lambda p=precision: _openvino(onnx(), p), kind="peer"))
+            runnable[module] = f"{label} {precision}"
+    return runnable, notes
+
+
+def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device | str,
+                  example: torch.Tensor) -> tuple[list[Variant], list[str]]:
+    """ONNX Runtime and OpenVINO running one ``torch.onnx`` export of ``model`` (eval, float32): the
+    variants that can run here, and a one-line note for each peer that cannot (not on this device,
+    or see :func:`runnable_peers`). Both take float32 images (a bf16 batch is converted) and return
+    float32 logits.
+    """
+    if torch.device(device).type != "cpu":
+        return [], [f"{', '.join(PEERS.values())}: compared on the CPU only, skipped on {device}"]
+    runnable, notes = runnable_peers(dtype)
+    onnx = functools.cache(lambda: onnx_bytes(model, example))  # one export, built with the first peer
+    variants = []
+    for module, label in runnable.items():
+        if module == "onnxruntime":
+            variants.append(Variant(label, lambda: _onnxruntime(onnx()), kind="peer"))
+        else:
+            precision = OPENVINO_PRECISION[dtype]
+            variants.append(Variant(label, lambda p=precision: _openvino(onnx(), p), kind="peer"))
     return variants, notes
 
 
