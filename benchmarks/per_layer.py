@@ -71,10 +71,12 @@ def _ours(fused, x, rounds: int) -> list[dict]:
     for i in range(per_forward):
         first = counted[0][i]
         stride = first.concrete_inputs[3] if len(first.concrete_inputs) > 3 else None
+        padding = first.concrete_inputs[4] if len(first.concrete_inputs) > 4 else None
         layers.append({
             "x": list(first.input_shapes[0]),
             "weight": list(first.input_shapes[1]),
             "stride": list(stride) if isinstance(stride, (list, tuple)) else None,
+            "padding": list(padding) if isinstance(padding, (list, tuple)) else None,
             "residual": bool(first.input_shapes[6]) if len(first.input_shapes) > 6 else False,
             "ours_ms": statistics.median(forward[i].cpu_time_total / 1e3 for forward in counted),
         })
@@ -174,7 +176,8 @@ _C10_NAMES = {torch.float32: "Float", torch.bfloat16: "BFloat16"}
 def _choice_for(layer: dict, choices: dict[str, str], dtype: torch.dtype) -> str:
     x, w = layer["x"], layer["weight"]
     stride = layer["stride"][0] if layer["stride"] else None
-    prefix = (f"x {'x'.join(map(str, x))}, weight {'x'.join(map(str, w))}, stride {stride}"
+    padding = layer["padding"][0] if layer.get("padding") else None
+    prefix = (f"x {'x'.join(map(str, x))}, weight {'x'.join(map(str, w))}, stride {stride}, padding {padding}"
               f"{', residual' if layer['residual'] else ''}, {_C10_NAMES[dtype]},")
     found = [kernel for key, kernel in choices.items() if key.startswith(prefix)]
     return found[0] if len(found) == 1 else "?"

@@ -215,8 +215,8 @@ def test_low_precision_is_timed_apart_from_fp32(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         x, weight, bias, residual, relu = to_dtype(case, dtype)
         assert_close(conv(x, weight, bias, residual, relu, 1, 0), reference(x, weight, bias, residual, relu, 1, 0))
-    lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x24x7x6, weight 32x24x1x1, stride 1,")]
-    assert sorted(line.split(", ")[3] for line in lines) == ["BFloat16", "Float"], lines
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x24x7x6, weight 32x24x1x1, stride 1, padding 0,")]
+    assert sorted(line.split(", ")[4] for line in lines) == ["BFloat16", "Float"], lines
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
@@ -229,7 +229,7 @@ def test_low_precision_skips_atens_fallback_in_the_timing(dtype, monkeypatch):
     x, weight, bias, residual, relu = to_dtype(make_case((1, 16, 32, 5, 9), (True, True, True), "channels_last"), dtype)
     assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu))
     assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
-    prefix = f"x 1x16x5x9, weight 32x16x3x3, stride 1, residual, {'BFloat16' if dtype == torch.bfloat16 else 'Half'},"
+    prefix = f"x 1x16x5x9, weight 32x16x3x3, stride 1, padding 1, residual, {'BFloat16' if dtype == torch.bfloat16 else 'Half'},"
     lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
     assert len(lines) == 1 and lines[0].split(": ")[1].startswith(("winograd_", "implicit_gemm_bf16")), lines
 
@@ -395,7 +395,7 @@ def test_timed_choices_are_listed(monkeypatch):
     monkeypatch.delenv(GEMM_CORE_ENV, raising=False)
     x, weight, bias, residual, relu = make_case((1, 48, 32, 9, 10), (True, True, True), "channels_last")
     conv(x, weight, bias, residual, relu)
-    lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x48x9x10, weight 32x48x3x3, stride 1, residual")]
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith("x 1x48x9x10, weight 32x48x3x3, stride 1, padding 1, residual")]
     assert len(lines) == 1, extension.cpu_conv_choices()
     kernel = lines[0].split(": ")[1].split()[0]
     assert kernel in ("direct", "winograd_f2x2", "winograd_f4x4")
@@ -413,7 +413,7 @@ def test_switch_narrows_the_implicit_gemm_candidates(env, setting, channels, mar
     monkeypatch.setenv(env, setting)
     x, weight, bias, residual, relu = make_case((1, channels, 64, 5, 6), (True, True, True), "channels_last", kernel=1)
     assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
-    prefix = f"x 1x{channels}x5x6, weight 64x{channels}x1x1, stride 1, residual"
+    prefix = f"x 1x{channels}x5x6, weight 64x{channels}x1x1, stride 1, padding 0, residual"
     lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
     assert len(lines) == 1, extension.cpu_conv_choices()
     kernel = lines[0].split(": ")[1].split()[0]
@@ -455,6 +455,24 @@ def test_changed_switch_is_obeyed_after_timing(monkeypatch):
         kernels = [line.split(": ")[1].split()[0] for line in lines]
         assert len(kernels) == int(tile) // 2, lines
     assert kernels.count("winograd_f2x2") <= 1 and kernels.count("winograd_f4x4") <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_padding_is_part_of_the_timed_choice(dtype, monkeypatch):
+    """Two 3x3 stride-1 convs on one input shape, padded 1 and 0, get a choice each: Winograd (which
+    takes padding 1 only) chosen for the first must not serve the second. Before padding was in the
+    key, a bf16 pair on a CPU with AVX512-BF16 ran the padding-0 call through Winograd's geometry and
+    corrupted the heap."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(WINOGRAD_TILE_ENV, raising=False)
+    monkeypatch.delenv(GEMM_CORE_ENV, raising=False)
+    case = to_dtype(make_case((1, 32, 32, 10, 10 + (dtype == torch.bfloat16)), (True, False, True), "channels_last"), dtype)
+    for padding in (1, 0):
+        assert_close(conv(*case, 1, padding), reference(*case, 1, padding))
+    w = case[0].shape[-1]
+    lines = [line for line in extension.cpu_conv_choices() if line.startswith(f"x 1x32x10x{w}, weight 32x32x3x3, stride 1,")]
+    assert [line.split(", ")[3] for line in lines] == ["padding 0", "padding 1"], lines
+    assert "winograd" not in lines[0], lines
 
 
 @pytest.mark.parametrize(

@@ -159,7 +159,7 @@ def test_native_bf16_is_a_timed_candidate(monkeypatch):
     assert_close(conv(x, weight, bias, residual, relu, stride, padding),
                  reference(x, weight, bias, residual, relu, stride, padding))
     lines = [line for line in extension.cpu_conv_choices()
-             if line.startswith("x 1x256x14x13, weight 256x256x1x1, stride 1, residual, BFloat16,")]
+             if line.startswith("x 1x256x14x13, weight 256x256x1x1, stride 1, padding 0, residual, BFloat16,")]
     assert len(lines) == 1, lines
 
 

@@ -31,12 +31,15 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
+#include <utility>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -369,6 +372,7 @@ constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 // kWinograd2Bf16: F(2x2, 3x3) with its transformed points rounded to bf16 for the same GEMM core
 // (transforms in fp32); the others compute in fp32.
 enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16, kWinograd2Bf16 };
+constexpr Kernel kLastKernel = Kernel::kWinograd2Bf16;
 
 // RESNET_FUSED_WINOGRAD_TILE: 0 (unset or auto: both), 2 or 4; -1 (off): no Winograd, the 3x3
 // stride-1 convs then take the implicit GEMM like any other (the direct convolution's rounding).
@@ -519,18 +523,30 @@ struct Choice {
   bool split_channels = false;  // implicit GEMM: the threads share output channels, not pixels
 };
 
-struct ShapeKey {
-  std::array<int64_t, 15> v;  // x sizes, K, kernel size, stride, threads, tile, GEMM core, thread split and ISA settings, dtype
-  bool residual;
-  bool operator==(const ShapeKey& o) const {
-    return v == o.v && residual == o.residual;
-  }
-};
+// A conv call's key in the per-shape choices, and the choice's fields after it: the columns of
+// cpu_conv_choice_table()'s rows, named by cpu_conv_choice_fields() (a saved tuning file names
+// its values by them: resnet_fused/tuning.py). The switches that narrow the candidates
+// (`only_kernel` from the Winograd tile, the GEMM core, the thread split, the ISA cap) are part
+// of the key, so a change of them is obeyed (they are read on every call) rather than answered
+// with a choice made under the old ones.
+constexpr const char* kKeyFields[] = {
+    "batch",    "in_channels", "height",      "width",             "out_channels",         "kernel_h",
+    "kernel_w", "stride_h",    "stride_w",    "padding_h",         "padding_w",            "threads",
+    "only_kernel", "gemm_core_setting", "thread_split_setting", "isa_capped_at_avx2", "dtype", "residual"};
+constexpr const char* kChoiceFields[] = {"kernel", "block", "brgemm", "split_channels"};
+constexpr size_t kKeySize = std::size(kKeyFields);
+constexpr size_t kRowSize = kKeySize + std::size(kChoiceFields);
+enum KeyField : size_t { kBatch, kInChannels, kHeight, kWidth, kOutChannels, kKernelH, kKernelW, kStrideH, kStrideW,
+                         kPaddingH, kPaddingW, kThreads, kOnlyKernel, kGemmCoreSetting, kThreadSplitSetting,
+                         kIsaCapped, kDtype, kResidual };
+static_assert(kResidual + 1 == kKeySize, "a name for every field of the key");
+
+using ShapeKey = std::array<int64_t, kKeySize>;
 
 struct ShapeKeyHash {
-  size_t operator()(const ShapeKey& s) const {
-    size_t h = s.residual;
-    for (int64_t v : s.v) {
+  size_t operator()(const ShapeKey& key) const {
+    size_t h = 0;
+    for (int64_t v : key) {
       h = h * 1000003u ^ std::hash<int64_t>()(v);
     }
     return h;
@@ -740,15 +756,44 @@ at::Tensor conv_direct(
   return out;
 }
 
-// The choices made by timing, per shape, for the life of the process.
+// The choices made by timing, per shape, for the life of the process, and those loaded from a
+// tuning file (cpu_conv_load_choices), which are checked against the call's candidates on first
+// use: a file made on another CPU or by another version may name a kernel this call cannot run.
+struct TimedChoice {
+  Choice choice;
+  bool checked = true;
+};
+
 struct TimedChoices {
   std::mutex mutex;
-  std::unordered_map<ShapeKey, Choice, ShapeKeyHash> choices;
+  std::unordered_map<ShapeKey, TimedChoice, ShapeKeyHash> choices;
 };
 
 TimedChoices& timed_choices() {
   static auto* timed = new TimedChoices();  // never destroyed, like the weight caches
   return *timed;
+}
+
+// Whether the direct convolution is one of the candidates for x's dtype. For bf16/fp16 only where
+// oneDNN runs that dtype: elsewhere it is ATen's slow fallback or oneDNN's fp32 conv with the
+// conversions ours pays too, plus an fp32 copy of the weight (conv_direct) kept for the process.
+// ATen's fallback took a whole bf16 resnet18 235 ms against 25 ms on ours (AVX2 EPYC, 2 threads),
+// and its timed runs took a bf16 resnet50's first batch-8 call from 6 to 15 s.
+bool direct_is_candidate(const at::Tensor& x) {
+  return !is_low_precision(x) || use_onednn(x.scalar_type());
+}
+
+// Whether `choice` is one that timing could have made for this call: a loaded one may not be.
+bool is_candidate(const Choice& choice, const std::vector<Kernel>& kernels, const at::Tensor& x,
+                  const at::Tensor& weight) {
+  if (choice.kernel == Kernel::kDirect) {
+    return direct_is_candidate(x);
+  }
+  return std::find(kernels.begin(), kernels.end(), choice.kernel) != kernels.end() && choice.block >= 1 &&
+         !(choice.brgemm && on_bf16_core(choice.kernel)) &&
+         !(choice.split_channels &&
+           !(is_implicit_gemm(choice.kernel) &&
+             implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())));
 }
 
 // The kernel and block for this call: forced by the environment (`mode` from env_switch), else
@@ -776,30 +821,26 @@ Choice choose(
                   is_implicit_gemm(kernel) && split == ThreadSplit::kChannels};
   }
   TimedChoices& timed = timed_choices();
-  // The switches that narrow the candidates are part of the key, so a change of them is obeyed
-  // (they are read on every call) rather than answered with a choice made under the old ones.
-  const ShapeKey key{{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                      stride[0], stride[1], at::get_num_threads(),
-                      kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
-                      static_cast<int64_t>(split), static_cast<int64_t>(own_isa_capped_at_avx2()),
-                      static_cast<int64_t>(x.scalar_type())},
-                     residual.has_value()};
+  const ShapeKey key{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                     stride[0], stride[1], padding[0], padding[1], at::get_num_threads(),
+                     kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
+                     static_cast<int64_t>(split), static_cast<int64_t>(own_isa_capped_at_avx2()),
+                     static_cast<int64_t>(x.scalar_type()), residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
     auto it = timed.choices.find(key);
     if (it != timed.choices.end()) {
-      return it->second;
+      if (it->second.checked || is_candidate(it->second.choice, kernels, x, weight)) {
+        it->second.checked = true;
+        return it->second.choice;
+      }
+      timed.choices.erase(it);  // a loaded choice this call cannot run: timed instead
     }
   }
-  // The direct convolution, then each of our kernels at each block size. For bf16/fp16 the direct
-  // one is a candidate only where oneDNN runs that dtype: elsewhere it is ATen's slow fallback or
-  // oneDNN's fp32 conv with the conversions ours pays too, plus an fp32 copy of the weight
-  // (conv_direct) kept for the process. ATen's fallback took a whole bf16 resnet18 235 ms against
-  // 25 ms on ours (AVX2 EPYC, 2 threads), and its timed runs took a bf16 resnet50's first batch-8
-  // call from 6 to 15 s.
+  // The direct convolution (where it is a candidate), then each of our kernels at each block size.
   std::vector<Choice> options;
   std::vector<std::function<void()>> candidates;
-  if (!is_low_precision(x) || use_onednn(x.scalar_type())) {
+  if (direct_is_candidate(x)) {
     options.push_back(Choice{});
     candidates.push_back([&] { conv_direct(x, weight, bias, stride, padding, 1, residual, relu, format); });
   }
@@ -848,7 +889,7 @@ Choice choose(
     }
   }
   std::lock_guard<std::mutex> lock(timed.mutex);
-  timed.choices.emplace(key, best);
+  timed.choices.insert_or_assign(key, TimedChoice{best});
   return best;
 }
 
@@ -900,12 +941,13 @@ std::vector<std::string> cpu_conv_choices() {
   TimedChoices& timed = timed_choices();
   std::lock_guard<std::mutex> lock(timed.mutex);
   std::vector<std::string> lines;
-  for (const auto& [key, choice] : timed.choices) {
-    const auto& v = key.v;
+  for (const auto& [v, timed_choice] : timed.choices) {
+    const Choice& choice = timed_choice.choice;
     std::ostringstream line;
-    line << "x " << v[0] << "x" << v[1] << "x" << v[2] << "x" << v[3] << ", weight " << v[4] << "x" << v[1] << "x"
-         << v[5] << "x" << v[6] << ", stride " << v[7] << (key.residual ? ", residual" : "") << ", "
-         << c10::toString(static_cast<at::ScalarType>(v[14])) << ", " << v[9]
+    line << "x " << v[kBatch] << "x" << v[kInChannels] << "x" << v[kHeight] << "x" << v[kWidth] << ", weight "
+         << v[kOutChannels] << "x" << v[kInChannels] << "x" << v[kKernelH] << "x" << v[kKernelW] << ", stride "
+         << v[kStrideH] << ", padding " << v[kPaddingH] << (v[kResidual] ? ", residual" : "") << ", "
+         << c10::toString(static_cast<at::ScalarType>(v[kDtype])) << ", " << v[kThreads]
          << " threads: " << kernel_name(choice.kernel);
     if (choice.kernel != Kernel::kDirect) {
       line << " block " << choice.block << (choice.brgemm ? " brgemm" : "")
@@ -915,6 +957,88 @@ std::vector<std::string> cpu_conv_choices() {
   }
   std::sort(lines.begin(), lines.end());
   return lines;
+}
+
+std::vector<std::string> cpu_conv_choice_fields() {
+  std::vector<std::string> fields(std::begin(kKeyFields), std::end(kKeyFields));
+  fields.insert(fields.end(), std::begin(kChoiceFields), std::end(kChoiceFields));
+  return fields;
+}
+
+std::vector<int64_t> cpu_conv_choice_table() {
+  TimedChoices& timed = timed_choices();
+  std::lock_guard<std::mutex> lock(timed.mutex);
+  std::vector<ShapeKey> keys;
+  for (const auto& entry : timed.choices) {
+    keys.push_back(entry.first);
+  }
+  std::sort(keys.begin(), keys.end());
+  std::vector<int64_t> table;
+  for (const ShapeKey& key : keys) {
+    const Choice& c = timed.choices.at(key).choice;
+    table.insert(table.end(), key.begin(), key.end());
+    table.insert(table.end(), {static_cast<int64_t>(c.kernel), c.block, c.brgemm, c.split_channels});
+  }
+  return table;
+}
+
+namespace {
+
+// Row `row`'s field `field` checked to lie in [low, high] (a corrupted or hand-edited file).
+int64_t table_value(const std::vector<int64_t>& table, size_t row, size_t field, int64_t low, int64_t high) {
+  const int64_t value = table[row * kRowSize + field];
+  const char* name = field < kKeySize ? kKeyFields[field] : kChoiceFields[field - kKeySize];
+  TORCH_CHECK(value >= low && value <= high, "resnet_fused: conv choice ", row, ": ", name, " must be in [", low, ", ",
+              high, "], got ", value);
+  return value;
+}
+
+}  // namespace
+
+int64_t cpu_conv_load_choices(const std::vector<int64_t>& table) {
+  TORCH_CHECK(table.size() % kRowSize == 0, "resnet_fused: a conv choice table holds rows of ", kRowSize,
+              " values (cpu_conv_choice_fields()), got ", table.size(), " values");
+  constexpr int64_t kBig = int64_t{1} << 40;
+  const size_t rows = table.size() / kRowSize;
+  std::vector<std::pair<ShapeKey, Choice>> loaded;
+  for (size_t row = 0; row < rows; ++row) {  // all checked before any is loaded
+    ShapeKey key;
+    for (size_t field = 0; field < kKeySize; ++field) {
+      int64_t low = 1, high = kBig;
+      switch (field) {
+        case kPaddingH: case kPaddingW: low = 0; break;
+        case kOnlyKernel: low = -1; high = static_cast<int64_t>(kLastKernel); break;
+        case kGemmCoreSetting: case kThreadSplitSetting: low = 0; high = 2; break;
+        case kIsaCapped: case kResidual: low = 0; high = 1; break;
+        default: break;
+      }
+      key[field] = table_value(table, row, field, low, high);
+    }
+    const auto dtype = static_cast<at::ScalarType>(key[kDtype]);
+    TORCH_CHECK(key[kDtype] < static_cast<int64_t>(at::ScalarType::NumOptions) &&
+                    (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf),
+                "resnet_fused: conv choice ", row, ": dtype must be Float, BFloat16 or Half (c10::ScalarType ",
+                static_cast<int>(at::kFloat), ", ", static_cast<int>(at::kBFloat16), " or ",
+                static_cast<int>(at::kHalf), "), got ", key[kDtype]);
+    Choice choice;
+    choice.kernel = static_cast<Kernel>(table_value(table, row, kKeySize, 0, static_cast<int64_t>(kLastKernel)));
+    choice.block = table_value(table, row, kKeySize + 1, choice.kernel == Kernel::kDirect ? 0 : 1, kBig);
+    choice.brgemm = table_value(table, row, kKeySize + 2, 0, 1) != 0;
+    choice.split_channels = table_value(table, row, kKeySize + 3, 0, 1) != 0;
+    loaded.emplace_back(key, choice);
+  }
+  TimedChoices& timed = timed_choices();
+  std::lock_guard<std::mutex> lock(timed.mutex);
+  for (const auto& [key, choice] : loaded) {
+    timed.choices.insert_or_assign(key, TimedChoice{choice, false});
+  }
+  return static_cast<int64_t>(rows);
+}
+
+void cpu_conv_clear_choices() {
+  TimedChoices& timed = timed_choices();
+  std::lock_guard<std::mutex> lock(timed.mutex);
+  timed.choices.clear();
 }
 
 int64_t cpu_weight_cache_size() {
