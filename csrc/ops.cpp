@@ -29,12 +29,13 @@ constexpr const char* kBuiltForTorch =
 int64_t cpu_weight_cache_size();
 int64_t cpu_output_pool_bytes(bool in_use);
 // The kernel the CPU path's per-shape timing chose for each conv shape seen, one line each; the
-// same choices as a table of int rows (columns named by cpu_conv_choice_fields()), which
-// cpu_conv_load_choices() takes back (a saved tuning: resnet_fused/tuning.py); and forgetting them all.
+// same choices, in the same order, as a table of int rows (columns named by
+// cpu_conv_choice_fields()), which cpu_conv_load_choices() takes back (joining or, with `replace`,
+// replacing the choices made: a saved tuning, resnet_fused/tuning.py); and forgetting them all.
 std::vector<std::string> cpu_conv_choices();
 std::vector<std::string> cpu_conv_choice_fields();
 std::vector<int64_t> cpu_conv_choice_table();
-int64_t cpu_conv_load_choices(const std::vector<int64_t>& table);
+int64_t cpu_conv_load_choices(const std::vector<int64_t>& table, bool replace);
 void cpu_conv_clear_choices();
 
 // JSON, parsed by resnet_fused.backends.extension.build_info().
@@ -70,7 +71,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("cpu_conv_choices() -> str[]", &resnet_fused::cpu_conv_choices);
   m.def("cpu_conv_choice_fields() -> str[]", &resnet_fused::cpu_conv_choice_fields);
   m.def("cpu_conv_choice_table() -> int[]", &resnet_fused::cpu_conv_choice_table);
-  m.def("cpu_conv_load_choices(int[] table) -> int", &resnet_fused::cpu_conv_load_choices);
+  m.def("cpu_conv_load_choices(int[] table, bool replace) -> int", &resnet_fused::cpu_conv_load_choices);
   m.def("cpu_conv_clear_choices() -> ()", &resnet_fused::cpu_conv_clear_choices);
 }
 

@@ -19,6 +19,9 @@ _LAZY = {
     "available_backends": "ops",
     "BackendUnavailableError": "ops",
     "BackendFallbackWarning": "ops",
+    "save_tuning": "tuning",
+    "load_tuning": "tuning",
+    "clear_tuning": "tuning",
 }
 
 
@@ -50,5 +53,8 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "BackendFallbackWarning",
+    "save_tuning",
+    "load_tuning",
+    "clear_tuning",
     "__version__",
 ]

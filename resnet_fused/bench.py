@@ -343,8 +343,8 @@ def environment(device: torch.device | str = "cpu") -> dict:
             cudnn_benchmark=torch.backends.cudnn.benchmark,
         )
     else:
-        info["device_name"] = _cpu_name()
-    info["cpu_model"] = _cpu_name(threads=False)
+        info["device_name"] = cpu_name()
+    info["cpu_model"] = cpu_name(threads=False)
     info["cpu_flags"] = cpu_flags()
     info["backends"] = {name: asdict_status(status) for name, status in ops.available_backends().items()}
     return info
@@ -354,7 +354,7 @@ def asdict_status(status) -> dict:
     return {"available": status.available, "devices": list(status.devices), "reason": status.reason}
 
 
-def _cpu_name(threads: bool = True) -> str:
+def cpu_name(threads: bool = True) -> str:
     name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     return f"{name} ({torch.get_num_threads()} threads)" if threads else name
 

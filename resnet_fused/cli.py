@@ -1,4 +1,4 @@
-"""``resnet-fused info | verify | bench | export``: the command line of the package.
+"""``resnet-fused info | verify | bench | tune | export``: the command line of the package.
 
 Importing this module must stay light: ``--help`` and every mistake that can be seen in the
 arguments alone answer before torch is imported (several seconds). The commands import torch,
@@ -150,6 +150,17 @@ def _output_file(path: str) -> str:
         raise UsageError(f"cannot write to folder {folder}")
     if os.path.isdir(path):
         raise UsageError(f"{path} is a folder; give a file name")
+    return path
+
+
+def _tuning_file(path: str) -> str:
+    """An existing, readable file; whether it is a tuning file is read by resnet_fused.tuning.load_tuning."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder, not a tuning file")
+    if not os.path.isfile(path):
+        raise UsageError(f"tuning file not found: {path} (resnet-fused tune writes one)")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"cannot read tuning file {path}")
     return path
 
 
@@ -418,6 +429,8 @@ def run_bench(args, progress=True) -> dict:
                         time_interleaved)
 
     backends = _benchmarkable_backends(device, dtype, args.backend)
+    if args.tuning:
+        _load_tuning(args)
     if device.type == "cuda":
         # Every variant (eager, torch.compile, ours where it calls cuDNN) with cuDNN's per-shape
         # algorithm search, as a GPU comparison of eager at its best runs; the JSON records the setting.
@@ -492,6 +505,66 @@ def cmd_bench(args) -> int:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _load_tuning(args) -> int:
+    from . import tuning
+
+    try:
+        count = tuning.load_tuning(args.tuning)
+    except tuning.TuningFileError as exc:
+        raise UsageError(_one_line(exc)) from None
+    _say(args, f"loaded {count} CPU kernel choices from {args.tuning}")
+    return count
+
+
+def cmd_tune(args) -> int:
+    dtypes = [_dtype(d) for d in args.dtype]
+    for model_name in args.model:
+        _builder(model_name)
+    if args.weights:
+        read_checkpoint(args.weights)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import ops, tuning
+    from .backends import extension
+    from .bench import make_inputs
+    from .convert import fuse
+
+    cpu = torch.device("cpu")
+    for dtype in dtypes:
+        ops.resolve_backend("extension", cpu, dtype)  # BackendUnavailableError says why not
+    if os.path.exists(args.out):
+        # Added to, not redone: a second run for more batch sizes extends the file.
+        _say(args, f"{args.out} exists: its choices are kept and the shapes it lacks are timed (delete it to time all again)")
+        args.tuning = args.out
+        _load_tuning(args)
+    rows = []
+    jobs = [(model_name, dtype, batch) for model_name in args.model for dtype in dtypes for batch in args.batch]
+    with tqdm(jobs, desc="tune", unit="run", disable=args.no_progress) as bar:
+        fused = {}
+        for model_name, dtype, batch in bar:
+            bar.set_postfix_str(f"{model_name} {_short(dtype)} b{batch}")
+            if (model_name, dtype) not in fused:
+                model = build_model(model_name, weights=args.weights, seed=args.seed)
+                fused[model_name, dtype] = fuse(model, backend="extension", dtype=dtype)
+            x = make_inputs(batch, args.size, dtype=dtype, device=cpu, count=1, seed=args.seed + 1,
+                            memory_format=torch.channels_last)[0]
+            before = len(extension.cpu_conv_choices())
+            with torch.inference_mode():
+                start = time.perf_counter()
+                fused[model_name, dtype](x)  # each conv shape not chosen yet is timed here
+                first = time.perf_counter() - start
+            rows.append([model_name, _short(dtype), str(batch), str(len(extension.cpu_conv_choices()) - before),
+                         f"{first:.2f}"])
+    count = tuning.save_tuning(args.out)
+    print(f"\nCPU kernel choices, {torch.get_num_threads()} threads, {args.size}x{args.size} inputs:")
+    print(_table(["model", "dtype", "batch", "shapes timed", "first forward s"], rows))
+    print(f"wrote {count} choices to {args.out}; load them with resnet_fused.load_tuning({args.out!r}) "
+          f"or resnet-fused bench --tuning {args.out}")
     return 0
 
 
@@ -577,7 +650,7 @@ def _add_common(parser: argparse.ArgumentParser, *, batch: int, size: int, many:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="resnet-fused", description="Fused ResNet inference: inspect, verify, benchmark, export.")
+    parser = _Parser(prog="resnet-fused", description="Fused ResNet inference: inspect, verify, benchmark, tune, export.")
     parser.add_argument("--version", action="version", version=f"resnet-fused {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, backends").set_defaults(func=cmd_info)
@@ -595,7 +668,24 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cudnn-benchmark", action="store_true",
                        help="on cuda, leave torch.backends.cudnn.benchmark off (by default every variant runs with it on)")
     bench.add_argument("--json", type=_output_file, default=None, help="write the results as JSON here")
+    bench.add_argument("--tuning", type=_tuning_file, default=None,
+                       help="load the CPU kernel choices saved in this file (resnet-fused tune) before timing")
     bench.set_defaults(func=cmd_bench)
+    tune = sub.add_parser("tune", help="time the CPU kernels for each conv shape of the models once and save the "
+                                       "choices, so that later processes skip that timing")
+    tune.add_argument("--model", nargs="+", type=_model_name, default=["resnet50"],
+                      help=f"{', '.join(MODEL_NAMES)} (ours), torchvision:<name> or timm:<name> (default resnet50)")
+    tune.add_argument("--batch", nargs="+", type=_positive, default=[1], help="batch sizes to tune for (default 1)")
+    tune.add_argument("--size", type=_positive, default=224, help="input height and width (default 224)")
+    tune.add_argument("--dtype", nargs="+", type=_dtype_name, default=["float32"],
+                      help="float32, float16 or bfloat16 (fp32, fp16, bf16)")
+    tune.add_argument("--weights", type=_weights_file, default=None,
+                      help="checkpoint (torchvision or our names); the choices depend on shapes, not on weights")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    tune.add_argument("--no-progress", action="store_true", help="no progress lines or bars on stderr")
+    tune.add_argument("--out", type=_output_file, required=True,
+                      help="the tuning file (JSON) to write; if it exists, its choices are kept and added to")
+    tune.set_defaults(func=cmd_tune)
     export = sub.add_parser("export", help="write the fused model as a torch.export program (.pt2), checked by loading it back")
     _add_common(export, batch=1, size=224, many=False)
     export.add_argument("--out", type=_pt2_file, required=True, help="the .pt2 file to write")

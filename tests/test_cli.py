@@ -194,6 +194,12 @@ ARGUMENT_ERRORS = [
     (["export"], "the following arguments are required: --out"),
     (["export", "--out", "model.onnx"], "'model.onnx' does not end in .pt2"),
     (["export", "--out", "m.pt2", "--aoti", "m.so"], "argument --aoti: 'm.so' does not end in .pt2"),
+    (["bench", "--tuning", "/nonexistent.json"], "tuning file not found: /nonexistent.json (resnet-fused tune writes one)"),
+    (["bench", "--tuning", "/"], "/ is a folder, not a tuning file"),
+    (["tune"], "the following arguments are required: --out"),
+    (["tune", "--out", "t.json", "--batch", "1", "0"], "argument --batch: must be at least 1, got 0"),
+    (["tune", "--out", "/nonexistent/folder/t.json"], "folder /nonexistent/folder does not exist"),
+    (["tune", "--out", "t.json", "--model", "resnet7"], "unknown model 'resnet7'"),
 ]
 
 

@@ -371,6 +371,7 @@ constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 // kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (bf16_gemm.h);
 // kWinograd2Bf16: F(2x2, 3x3) with its transformed points rounded to bf16 for the same GEMM core
 // (transforms in fp32); the others compute in fp32.
+// The values are saved in tuning files (resnet_fused/tuning.py): append, never renumber (or bump its VERSION).
 enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16, kWinograd2Bf16 };
 constexpr Kernel kLastKernel = Kernel::kWinograd2Bf16;
 
@@ -937,12 +938,26 @@ at::Tensor add_relu_cpu(const at::Tensor& x, const at::Tensor& residual) {
 
 }  // namespace
 
+namespace {
+
+// The keys of the choices made or loaded so far, in order (the caller holds timed.mutex).
+std::vector<ShapeKey> sorted_keys(const TimedChoices& timed) {
+  std::vector<ShapeKey> keys;
+  for (const auto& entry : timed.choices) {
+    keys.push_back(entry.first);
+  }
+  std::sort(keys.begin(), keys.end());
+  return keys;
+}
+
+}  // namespace
+
 std::vector<std::string> cpu_conv_choices() {
   TimedChoices& timed = timed_choices();
   std::lock_guard<std::mutex> lock(timed.mutex);
   std::vector<std::string> lines;
-  for (const auto& [v, timed_choice] : timed.choices) {
-    const Choice& choice = timed_choice.choice;
+  for (const ShapeKey& v : sorted_keys(timed)) {
+    const Choice& choice = timed.choices.at(v).choice;
     std::ostringstream line;
     line << "x " << v[kBatch] << "x" << v[kInChannels] << "x" << v[kHeight] << "x" << v[kWidth] << ", weight "
          << v[kOutChannels] << "x" << v[kInChannels] << "x" << v[kKernelH] << "x" << v[kKernelW] << ", stride "
@@ -955,7 +970,6 @@ std::vector<std::string> cpu_conv_choices() {
     }
     lines.push_back(line.str());
   }
-  std::sort(lines.begin(), lines.end());
   return lines;
 }
 
@@ -968,13 +982,8 @@ std::vector<std::string> cpu_conv_choice_fields() {
 std::vector<int64_t> cpu_conv_choice_table() {
   TimedChoices& timed = timed_choices();
   std::lock_guard<std::mutex> lock(timed.mutex);
-  std::vector<ShapeKey> keys;
-  for (const auto& entry : timed.choices) {
-    keys.push_back(entry.first);
-  }
-  std::sort(keys.begin(), keys.end());
   std::vector<int64_t> table;
-  for (const ShapeKey& key : keys) {
+  for (const ShapeKey& key : sorted_keys(timed)) {
     const Choice& c = timed.choices.at(key).choice;
     table.insert(table.end(), key.begin(), key.end());
     table.insert(table.end(), {static_cast<int64_t>(c.kernel), c.block, c.brgemm, c.split_channels});
@@ -995,7 +1004,7 @@ int64_t table_value(const std::vector<int64_t>& table, size_t row, size_t field,
 
 }  // namespace
 
-int64_t cpu_conv_load_choices(const std::vector<int64_t>& table) {
+int64_t cpu_conv_load_choices(const std::vector<int64_t>& table, bool replace) {
   TORCH_CHECK(table.size() % kRowSize == 0, "resnet_fused: a conv choice table holds rows of ", kRowSize,
               " values (cpu_conv_choice_fields()), got ", table.size(), " values");
   constexpr int64_t kBig = int64_t{1} << 40;
@@ -1029,6 +1038,9 @@ int64_t cpu_conv_load_choices(const std::vector<int64_t>& table) {
   }
   TimedChoices& timed = timed_choices();
   std::lock_guard<std::mutex> lock(timed.mutex);
+  if (replace) {
+    timed.choices.clear();
+  }
   for (const auto& [key, choice] : loaded) {
     timed.choices.insert_or_assign(key, TimedChoice{choice, false});
   }
