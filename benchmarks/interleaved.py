@@ -17,7 +17,9 @@ Runtime and OpenVINO by the row. Writes DIR/interleaved.json and DIR/interleaved
 ``--runs N`` repeats the whole measurement (variants rebuilt; the extension's per-shape kernel
 choices, made in the first run, stay for the process) N times and reports each ratio's median and
 range over the runs: even interleaved, one run's ratios moved by up to 0.3 between runs on the
-2-core development VM. The JSON also records those choices (``cpu_conv_choices``).
+2-core development VM. The JSON also records those choices (``cpu_conv_choices``), and DIR/tuning.json
+holds them as a tuning file: ``--tuning DIR/tuning.json`` runs the same kernels again in another
+process (resnet_fused/tuning.py).
 """
 
 from __future__ import annotations
@@ -186,8 +188,14 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement this many times")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (comma-separated)")
     parser.add_argument("--no-peers", action="store_true", help="leave out ONNX Runtime and OpenVINO")
+    parser.add_argument("--tuning", type=Path, default=None,
+                        help="load the extension's CPU kernel choices from this tuning file first (no per-shape timing)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.tuning is not None:
+        from resnet_fused import tuning
+
+        print(f"loaded {tuning.load_tuning(args.tuning)} CPU kernel choices from {args.tuning}", file=sys.stderr)
     names = {name: dtype for dtype, name in DTYPES.items()}
     dtypes = [names.get(d) for d in args.dtype.split(",")]
     if None in dtypes:
@@ -215,7 +223,8 @@ def main(argv=None) -> int:
         f"{'' if args.dtype == 'fp32' else ' --dtype ' + args.dtype}`), {env['cpu_model']} "
         f"(ISA: {' '.join(env['cpu_flags']) or 'none of note'}; torch's kernels: {env['cpu_capability']}), "
         f"torch {torch.__version__}{', ' + peers if peers else ''}, {torch.get_num_threads()} threads, "
-        f"{args.dtype.replace(',', ' and ')} {args.size}x{args.size}. Each run times the variants round-robin "
+        f"{args.dtype.replace(',', ' and ')} {args.size}x{args.size}"
+        f"{f', kernel choices loaded from {args.tuning}' if args.tuning else ''}. Each run times the variants round-robin "
         f"({args.rounds} rounds); ms and ratios are medians over the {args.runs} run(s), [min-max] over runs. "
         "*vs eager fp32*: eager float32 (NCHW) divided by the row; *vs best peer*: the fastest of torch.compile, "
         "ONNX Runtime and OpenVINO in the row's dtype divided by the row.",
@@ -234,6 +243,10 @@ def main(argv=None) -> int:
     (args.out / "interleaved.json").write_text(json.dumps(
         {"environment": env, "notes": notes, "summary": summary, "rows": rows, "cpu_conv_choices": choices}, indent=1))
     (args.out / "interleaved.md").write_text("\n".join(lines) + "\n")
+    if extension.load_error() is None:
+        from resnet_fused import tuning
+
+        tuning.save_tuning(args.out / "tuning.json")
     print("\n".join(lines))
     return 0
 

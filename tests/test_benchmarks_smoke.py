@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnet_fused.backends import extension
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SUITES = ("bench_ops.py", "bench_blocks.py", "bench_models.py")
@@ -223,6 +225,9 @@ def test_interleaved_script(tmp_path):
     assert all(r["dtype"] == "fp32" and r["vs_eager_fp32"] == pytest.approx(
         next(e["median_ms"] for e in rows if e["run"] == r["run"] and e["variant"] == "eager") / r["median_ms"])
         for r in rows)
+    if extension.load_error() is None:  # the kernels it ran, as a tuning file that runs them again
+        saved = json.loads((tmp_path / "tuning.json").read_text())
+        assert [c["description"] for c in saved["choices"]] == result["cpu_conv_choices"]
 
 
 def test_interleaved_script_in_bf16(tmp_path):
@@ -257,6 +262,20 @@ def test_interleaved_script_in_bf16(tmp_path):
         assert r["vs_eager_fp32"] == pytest.approx(fp32["median_ms"] / r["median_ms"])
         assert r["vs_best_peer"] == pytest.approx(best / r["median_ms"])
     assert "| resnet18 | 1 | bf16 | eager fp32 |" in (tmp_path / "interleaved.md").read_text()
+    if extension.load_error() is None:
+        # The choices saved by this run, loaded by the next: nothing left to time, the same choices.
+        again = tmp_path / "again"
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1", "--size", "32",
+             "--rounds", "1", "--dtype", "bf16", "--no-peers", "--tuning", str(tmp_path / "tuning.json"),
+             "--out", str(again)],
+            capture_output=True, text=True, timeout=600, cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        saved = json.loads((tmp_path / "tuning.json").read_text())["choices"]
+        assert f"loaded {len(saved)} CPU kernel choices" in result.stderr
+        assert json.loads((again / "interleaved.json").read_text())["cpu_conv_choices"] == [c["description"] for c in saved]
+        assert "kernel choices loaded from" in (again / "interleaved.md").read_text()
 
 
 def test_peer_variants_say_why_a_peer_is_left_out(monkeypatch):
