@@ -131,9 +131,16 @@ def load_tuning(path: str | os.PathLike, *, replace: bool = False) -> int:
         warnings.warn(f"{path} was made with another {', '.join(differences)}: its choices are loaded, but may "
                       "not be the fastest here (resnet-fused tune makes a file for this machine)", stacklevel=2)
     try:
-        return ops.cpu_conv_load_choices(table, replace)  # checks every value before loading any
+        count = ops.cpu_conv_load_choices(table, replace)  # checks every value before loading any
     except RuntimeError as exc:
         raise TuningFileError(f"{path}: {str(exc).splitlines()[0]}") from None
+    threads = sorted({choice["threads"] for choice in choices})
+    if threads and torch.get_num_threads() not in threads:
+        # A choice is per thread count: none of these will be used, every shape is timed again.
+        warnings.warn(f"{path} holds choices for {', '.join(map(str, threads))} thread(s) and this process runs "
+                      f"{torch.get_num_threads()} (torch.get_num_threads()): none of them applies; make the file with "
+                      "the thread count the model will run with (OMP_NUM_THREADS=N resnet-fused tune ...)", stacklevel=2)
+    return count
 
 
 def clear_tuning() -> None:

@@ -165,6 +165,17 @@ def test_a_file_from_another_machine_loads_with_a_warning(tmp_path):
         assert resnet_fused.load_tuning(path) == len(record["choices"])
 
 
+def test_a_file_for_another_thread_count_says_none_applies(tmp_path):
+    case = make_case((1, 24, 16, 4, 9), (True, False, True), "channels_last", kernel=1)
+    path = tmp_path / "tuning.json"
+    record, _ = timed_entry(case, "x 1x24x4x9, weight 16x24x1x1,", path)
+    for entry in record["choices"]:
+        entry["threads"] = torch.get_num_threads() + 1
+    path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=f"this process runs {torch.get_num_threads()} .*none of them applies"):
+        resnet_fused.load_tuning(path)
+
+
 def test_replace_forgets_the_choices_made(tmp_path):
     path = tmp_path / "tuning.json"
     timed_entry(make_case((1, 24, 16, 4, 7), (True, False, True), "channels_last", kernel=1), "x 1x24x4x7,", path)
