@@ -630,16 +630,20 @@ def _aoti_path(out: str) -> str:
     return f"{stem}.aoti{ext or '.pt2'}"
 
 
+_MODEL_HELP = f"{', '.join(MODEL_NAMES)} (ours), torchvision:<name> or timm:<name> (default resnet50)"
+_DTYPE_HELP = "float32, float16 or bfloat16 (fp32, fp16, bf16)"
+
+
 def _add_common(parser: argparse.ArgumentParser, *, batch: int, size: int, many: bool) -> None:
     # Added to each subcommand separately: argparse parents share their actions, so one
     # subcommand's set_defaults would change the other's defaults.
     nargs = "+" if many else 1  # a list either way
     parser.add_argument("--model", nargs=nargs, type=_model_name, default=["resnet50"],
-                        help=f"{', '.join(MODEL_NAMES)} (ours), torchvision:<name> or timm:<name> (default resnet50)")
+                        help=_MODEL_HELP)
     parser.add_argument("--batch", type=_positive, default=batch, help=f"batch size (default {batch})")
     parser.add_argument("--size", type=_positive, default=size, help=f"input height and width (default {size})")
     parser.add_argument("--dtype", nargs=nargs, type=_dtype_name, default=["float32"],
-                        help="float32, float16 or bfloat16 (fp32, fp16, bf16)")
+                        help=_DTYPE_HELP)
     parser.add_argument("--device", type=_device_name, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--backend", nargs=nargs, type=_backend_name, default=None,
                         help=f"any of {', '.join(BACKEND_NAMES)} (default: automatic)")
@@ -674,11 +678,11 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="time the CPU kernels for each conv shape of the models once and save the "
                                        "choices, so that later processes skip that timing")
     tune.add_argument("--model", nargs="+", type=_model_name, default=["resnet50"],
-                      help=f"{', '.join(MODEL_NAMES)} (ours), torchvision:<name> or timm:<name> (default resnet50)")
+                      help=_MODEL_HELP)
     tune.add_argument("--batch", nargs="+", type=_positive, default=[1], help="batch sizes to tune for (default 1)")
     tune.add_argument("--size", type=_positive, default=224, help="input height and width (default 224)")
     tune.add_argument("--dtype", nargs="+", type=_dtype_name, default=["float32"],
-                      help="float32, float16 or bfloat16 (fp32, fp16, bf16)")
+                      help=_DTYPE_HELP)
     tune.add_argument("--weights", type=_weights_file, default=None,
                       help="checkpoint (torchvision or our names); the choices depend on shapes, not on weights")
     tune.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")

@@ -39,12 +39,12 @@
 #include <cstring>
 #include <functional>
 #include <iterator>
-#include <utility>
 #include <mutex>
 #include <sstream>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace resnet_fused {
