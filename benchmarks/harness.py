@@ -267,7 +267,7 @@ def measure(benchmark, clock: ReplayClock, cfg: Config, case: Case, variant: Var
     """Build ``variant``, judge its output against ``expect`` (eager, float64), time it, and hand the times to ``benchmark``."""
     fn = variant.build()
     try:
-        xs = [x.contiguous(memory_format=variant.memory_format) for x in xs]
+        xs = [variant.feed(x) for x in xs]
         with torch.inference_mode():
             out = fn(xs[0])[:JUDGED_IMAGES].clone()  # a CUDA-graph replay overwrites its output: keep this one
         verdict = judge(out, *expect)

@@ -102,15 +102,15 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = T
     if dtype != torch.float32:  # the baseline of the low-precision targets, in the same run
         fp32_eager = bench.model_variants(model, dtype=torch.float32, device="cpu", backends=(), example=inputs[0],
                                           channels_last_eager=False)[0]
-        variants.insert(0, dataclasses.replace(fp32_eager, name=EAGER_FP32))
+        variants.insert(0, dataclasses.replace(fp32_eager, name=EAGER_FP32, input_dtype=torch.float32))
     if peers:
         variants += bench.peer_variants(model, dtype=dtype, device="cpu", example=inputs[0])[0]
     fns, feeds, kinds = {}, {}, {}
     for variant in variants:
         print(f"{arch} b{batch} {DTYPES[dtype]}: building {variant.name}", file=sys.stderr, flush=True)
         fns[variant.name] = variant.build()
-        variant_dtype = torch.float32 if variant.name == EAGER_FP32 else dtype
-        feeds[variant.name] = [x.to(variant_dtype).contiguous(memory_format=variant.memory_format) for x in inputs]
+        # The float32 images as they are for a variant fed float32 (the fp32 baseline, the peers), else in dtype.
+        feeds[variant.name] = [variant.feed(x if variant.input_dtype else x.to(dtype)) for x in inputs]
         kinds[variant.name] = variant.kind
     for name, (env, value) in extension_switches(bench.cpu_flags(), dtype).items():
         fns[name] = _with_env(env, value, fns["fused extension"])

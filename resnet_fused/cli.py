@@ -459,7 +459,7 @@ def run_bench(args, progress=True) -> dict:
         for variant in bar:
             bar.set_postfix_str(variant.name)  # a compile or an ONNX export takes a while: say which
             fns[variant.name] = variant.build()
-            feeds[variant.name] = [x.contiguous(memory_format=variant.memory_format) for x in inputs]
+            feeds[variant.name] = [variant.feed(x) for x in inputs]
             time_fn(fns[variant.name], feeds[variant.name], warmup=args.warmup, repeat=0)
             with torch.inference_mode():
                 errors[variant.name] = rel_error(fns[variant.name](feeds[variant.name][0]), ref)
