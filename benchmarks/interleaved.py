@@ -110,7 +110,7 @@ def measure(arch: str, batch: int, rounds: int, size: int = 224, peers: bool = T
         print(f"{arch} b{batch} {DTYPES[dtype]}: building {variant.name}", file=sys.stderr, flush=True)
         fns[variant.name] = variant.build()
         # The float32 images as they are for a variant fed float32 (the fp32 baseline, the peers), else in dtype.
-        feeds[variant.name] = [variant.feed(x if variant.input_dtype else x.to(dtype)) for x in inputs]
+        feeds[variant.name] = [variant.feed(x, dtype) for x in inputs]
         kinds[variant.name] = variant.kind
     for name, (env, value) in extension_switches(bench.cpu_flags(), dtype).items():
         fns[name] = _with_env(env, value, fns["fused extension"])

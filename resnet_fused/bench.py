@@ -128,10 +128,10 @@ class Variant:
     # copies or the same array cost nothing): the comparisons before that fix flattered us.
     input_dtype: torch.dtype | None = None
 
-    def feed(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as this variant takes it, converted once before timing: its input dtype (when it
-        has one) and memory format."""
-        return x.to(self.input_dtype or x.dtype).contiguous(memory_format=self.memory_format)
+    def feed(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` as this variant takes it, converted once before timing: in its input dtype, else in
+        ``dtype`` (the run's; default x's own), and in its memory format."""
+        return x.to(self.input_dtype or dtype or x.dtype).contiguous(memory_format=self.memory_format)
 
 
 def _compiled(model: nn.Module, example: torch.Tensor) -> Callable:
@@ -240,8 +240,9 @@ def peer_variants(model: nn.Module, *, dtype: torch.dtype, device: torch.device 
                   example: torch.Tensor) -> tuple[list[Variant], list[str]]:
     """ONNX Runtime and OpenVINO running one ``torch.onnx`` export of ``model`` (eval, float32): the
     variants that can run here, and a one-line note for each peer that cannot (not on this device,
-    or see :func:`runnable_peers`). Both take float32 images (``input_dtype``: a bf16 batch is converted
-    once, before timing, by :meth:`Variant.feed`) and return float32 logits.
+    or see :func:`runnable_peers`). Both take float32 images (``input_dtype``: :meth:`Variant.feed`
+    converts a bf16 batch once, before timing; the callables convert nothing, so no timed call
+    allocates its input) and return float32 logits.
     """
     if torch.device(device).type != "cpu":
         return [], [f"{', '.join(PEERS.values())}: compared on the CPU only, skipped on {device}"]
@@ -288,7 +289,7 @@ def _onnxruntime(onnx: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx, onnxruntime_options(), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"images": x.float().numpy()})[0])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
 def openvino_unsupported(precision: str | None) -> str | None:
@@ -321,7 +322,7 @@ def openvino_model(onnx: bytes, precision: str, **config):
 
 def _openvino(onnx: bytes, precision: str) -> Callable[[torch.Tensor], torch.Tensor]:
     request = openvino_model(onnx, precision).create_infer_request()
-    return lambda x: torch.from_numpy(request.infer({0: x.float().numpy()})[0])
+    return lambda x: torch.from_numpy(request.infer({0: x.numpy()})[0])
 
 
 def environment(device: torch.device | str = "cpu") -> dict:

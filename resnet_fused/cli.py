@@ -430,7 +430,7 @@ def run_bench(args, progress=True) -> dict:
 
     backends = _benchmarkable_backends(device, dtype, args.backend)
     if args.tuning:
-        _load_tuning(args)
+        _load_tuning(args, args.tuning)
     if device.type == "cuda":
         # Every variant (eager, torch.compile, ours where it calls cuDNN) with cuDNN's per-shape
         # algorithm search, as a GPU comparison of eager at its best runs; the JSON records the setting.
@@ -508,14 +508,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _load_tuning(args) -> int:
+def _load_tuning(args, path: str) -> int:
     from . import tuning
 
     try:
-        count = tuning.load_tuning(args.tuning)
+        count = tuning.load_tuning(path)
     except tuning.TuningFileError as exc:
         raise UsageError(_one_line(exc)) from None
-    _say(args, f"loaded {count} CPU kernel choices from {args.tuning}")
+    _say(args, f"loaded {count} CPU kernel choices from {path}")
     return count
 
 
@@ -540,8 +540,7 @@ def cmd_tune(args) -> int:
     if os.path.exists(args.out):
         # Added to, not redone: a second run for more batch sizes extends the file.
         _say(args, f"{args.out} exists: its choices are kept and the shapes it lacks are timed (delete it to time all again)")
-        args.tuning = args.out
-        _load_tuning(args)
+        _load_tuning(args, args.out)
     rows = []
     jobs = [(model_name, dtype, batch) for model_name in args.model for dtype in dtypes for batch in args.batch]
     with tqdm(jobs, desc="tune", unit="run", disable=args.no_progress) as bar:

@@ -319,6 +319,8 @@ def test_peers_are_fed_float32_converted_before_timing():
     assert peer.feed(fed) is fed  # a float32 batch is taken as it is: the timed calls see one buffer
     fused = bench.Variant("fused", lambda: None, memory_format=torch.channels_last, kind="fused")
     assert fused.feed(x).dtype == torch.bfloat16 and fused.feed(x).is_contiguous(memory_format=torch.channels_last)
+    assert fused.feed(x.float(), torch.bfloat16).dtype == torch.bfloat16  # no input dtype: the run's
+    assert peer.feed(x, torch.bfloat16).dtype == torch.float32  # an input dtype wins over the run's
 
 
 def test_environment_names_the_cpu_and_its_isa(monkeypatch, tmp_path):
