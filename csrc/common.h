@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mean.h>
 
 #include <array>
 #include <cstdlib>
@@ -116,6 +117,32 @@ inline std::array<int64_t, 4> check_pool_args(const at::Tensor& x, at::IntArrayR
   TORCH_CHECK(p >= 1 && q >= 1, "resnet_fused: x of spatial size ", x.sizes().slice(2), " is too small for a ",
               kernel_size[0], "x", kernel_size[1], " window with padding ", padding);
   return {x.size(0), x.size(1), p, q};
+}
+
+// global_avg_pool's argument: a 4-D x with at least one pixel per channel.
+inline void check_global_pool_args(const at::Tensor& x) {
+  check_floating_4d("x", x);
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "resnet_fused: global_avg_pool needs at least one pixel, got x of "
+              "spatial size ", x.sizes().slice(2));
+}
+
+// ATen's global average pool, shaped like ours: (N, C, 1, 1), contiguous whatever x's layout.
+inline at::Tensor global_avg_pool_aten(const at::Tensor& x) {
+  return at::mean(x, {2, 3}).contiguous().view({x.size(0), x.size(1), 1, 1});
+}
+
+// linear's arguments: x (N, K), weight (J, K), bias (J,) or none, one device and dtype.
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "resnet_fused: x must be 2-D (N, in_features), got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "resnet_fused: x must have a floating dtype, got ", x.scalar_type());
+  TORCH_CHECK(x.layout() == c10::kStrided && weight.layout() == c10::kStrided,
+              "resnet_fused: x and weight must be strided (dense) tensors");
+  check_like_x("weight", weight, x);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "resnet_fused: weight must have shape (out_features, ",
+              x.size(1), ") to match x of shape ", x.sizes(), ", got ", weight.sizes());
+  if (bias.has_value()) {
+    check_bias(*bias, x, weight.size(0));
+  }
 }
 
 // Reads an on/off switch from the environment on every call, so a benchmark can flip it between

@@ -65,6 +65,8 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  m.def("global_avg_pool(Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("build_info() -> str", &resnet_fused::build_info);
   m.def("cpu_weight_cache_size() -> int", &resnet_fused::cpu_weight_cache_size);
   m.def("cpu_output_pool_bytes(bool in_use) -> int", &resnet_fused::cpu_output_pool_bytes);

@@ -7,7 +7,9 @@ What is recognised and fused:
 - inside any ``nn.Sequential`` (a downsample shortcut, a deep stem), each ``Conv2d -> BatchNorm2d``
   pair, together with a following ``nn.ReLU``;
 - ``nn.MaxPool2d`` without dilation, ceil mode or indices (the pool after the stem) becomes
-  :class:`~resnet_fused.modules.MaxPool2d`, on the same backend.
+  :class:`~resnet_fused.modules.MaxPool2d`, on the same backend;
+- the head: ``nn.AdaptiveAvgPool2d`` to 1x1 becomes :class:`~resnet_fused.modules.GlobalAvgPool2d`
+  and ``nn.Linear`` :class:`~resnet_fused.modules.Linear`, on the same backend.
 Everything else is left exactly as it was (deep-copied: the input model is never changed).
 """
 
@@ -21,7 +23,7 @@ from torch import nn
 
 from . import ops, reference
 from .folding import fold_bn
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, MaxPool2d
+from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, GlobalAvgPool2d, Linear, MaxPool2d
 
 __all__ = ["fuse", "BlockSpec", "BLOCK_SPECS", "STEM_SPECS"]
 
@@ -146,6 +148,10 @@ class _Fuser:
         """Fused replacement for ``module`` (which belongs to the deep copy and may be reused)."""
         if type(module) is nn.MaxPool2d:
             return self.max_pool(module)
+        if type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1)):
+            return GlobalAvgPool2d(backend=self.backend)
+        if type(module) is nn.Linear:
+            return Linear(module.weight, module.bias, backend=self.backend)
         spec = BLOCK_SPECS.get(type(module))
         if spec is not None:
             return self.block(module, spec) or module

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _shapes, ops
 
-__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "MaxPool2d"]
+__all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "MaxPool2d", "GlobalAvgPool2d", "Linear"]
 
 
 class FusedConvBNAct(nn.Module):
@@ -109,5 +109,41 @@ class MaxPool2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"backend={self.backend or 'auto'}"
+        )
+
+
+class GlobalAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d(1)`` through :func:`resnet_fused.ops.global_avg_pool`."""
+
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.global_avg_pool(x, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend or 'auto'}"
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` (the classifier) through :func:`resnet_fused.ops.linear`; weight and bias are buffers."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, backend: str | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.backend = backend
+
+    in_features = property(lambda self: self.weight.shape[1])
+    out_features = property(lambda self: self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"backend={self.backend or 'auto'}"
         )

@@ -3,7 +3,7 @@
 Every op validates its inputs here, once, for all backends, then hands plain, checked arguments
 to a backend module from :mod:`resnet_fused.backends`. Each backend module answers two questions:
 ``unavailable_reason(device_type, dtype)`` (``None`` when it can run) and how to call it
-(``conv_bias_act``, ``add_relu``, ``bias_act``, ``max_pool2d``).
+(``conv_bias_act``, ``add_relu``, ``bias_act``, ``max_pool2d``, ``global_avg_pool``, ``linear``).
 
 The ops are inference-only: none of the kernels has a backward, so an input that requires grad
 while grad mode is on is refused with an error rather than given an output silently detached
@@ -34,6 +34,8 @@ __all__ = [
     "add_relu",
     "bias_act",
     "max_pool2d",
+    "global_avg_pool",
+    "linear",
 ]
 
 BACKENDS = {
@@ -420,3 +422,44 @@ def max_pool2d(
     _, kernel_size, stride, padding = _run_check(_check_pool, _checked_pool, args)
     _check_no_grad(x=x)
     return BACKENDS[resolve_backend(backend, x.device, x.dtype)].max_pool2d(x, kernel_size, stride, padding)
+
+
+def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``nn.AdaptiveAvgPool2d(1)``: the mean of each channel over its H x W pixels, summed in at
+    least fp32, as an (N, C, 1, 1) tensor (a NaN in a channel gives NaN there)."""
+    _check_tensor("x", x, 4)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"global_avg_pool needs at least one pixel, got x of spatial size {tuple(x.shape[2:])}")
+    _check_no_grad(x=x)
+    if x.numel() == 0:
+        return x.new_empty((x.shape[0], x.shape[1], 1, 1))
+    return BACKENDS[resolve_backend(backend, x.device, x.dtype)].global_avg_pool(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear``: ``x @ weight.T + bias`` over x's last dimension (the
+    classifier of a ResNet), products summed in at least fp32."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"x and weight must be torch.Tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a 0-D tensor")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"x must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    _check_tensor("weight", weight, 2)
+    _check_same("weight", weight, x)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} expects {weight.shape[1]} input features, but x of shape "
+            f"{tuple(x.shape)} has {x.shape[-1]}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        _check_same("bias", bias, x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
+    _check_no_grad(x=x, weight=weight, bias=bias)
+    if x.numel() == 0 or weight.numel() == 0:
+        return torch_backend.linear(x, weight, bias)  # empty shapes: torch's rules for what comes out
+    rows = x.reshape(-1, x.shape[-1])
+    out = BACKENDS[resolve_backend(backend, x.device, x.dtype)].linear(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -46,6 +46,8 @@ class _Broken:
         return out
 
     max_pool2d = staticmethod(torch_backend.max_pool2d)
+    global_avg_pool = staticmethod(torch_backend.global_avg_pool)
+    linear = staticmethod(torch_backend.linear)
 
 
 @pytest.fixture

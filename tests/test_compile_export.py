@@ -18,7 +18,7 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused import export, ops, reference
-from resnet_fused.modules import FusedConvBNAct, MaxPool2d
+from resnet_fused.modules import FusedConvBNAct, GlobalAvgPool2d, Linear, MaxPool2d
 from utils import REL_TOL, assert_close, reference_conv_bias_act, rel_error
 
 BACKENDS = ["torch", "extension", "onednn", "triton"]
@@ -170,12 +170,13 @@ def test_exported_program_round_trip(backend, tmp_path, nan_filled_empty_exact_f
     program = torch.export.load(path)
     aten_convs, custom_ops = _conv_calls(program)
     # Every fused conv is one op in the graph: the backend's own, or aten's for the torch backend;
-    # the extension has its own max pool too (the other backends' pool is aten's).
-    pools = sum(isinstance(m, MaxPool2d) for m in fused.modules()) if backend == "extension" else 0
+    # the extension has its own max pool and head too (the other backends' are aten's).
+    own = (MaxPool2d, GlobalAvgPool2d, Linear)
+    others = sum(isinstance(m, own) for m in fused.modules()) if backend == "extension" else 0
     if backend == "torch":
         assert (aten_convs, custom_ops) == (_fused_convs(fused), 0)
     else:
-        assert (aten_convs, custom_ops) == (0, _fused_convs(fused) + pools)
+        assert (aten_convs, custom_ops) == (0, _fused_convs(fused) + others)
 
     loaded = export.load(path)
     x3 = torch.randn(3, *x.shape[1:], device=x.device)  # another batch size than the example's

@@ -221,6 +221,12 @@ def _opcheck_samples(device):
     yield "max_pool_cl", "max_pool2d", (rand(2, 19, 9, 8, layout="channels_last"), [3, 3], [2, 2], [1, 1])
     yield "max_pool_nchw", "max_pool2d", (rand(1, 6, 7, 9), [2, 3], [2, 1], [0, 1])
     yield "max_pool_sliced", "max_pool2d", (rand(2, 6, 5, 4, layout="sliced"), [3, 3], [1, 1], [1, 1])
+    yield "global_avg_pool_cl", "global_avg_pool", (rand(2, 70, 3, 4, layout="channels_last"),)
+    yield "global_avg_pool_nchw", "global_avg_pool", (rand(2, 6, 5, 4),)
+    yield "global_avg_pool_sliced", "global_avg_pool", (rand(2, 6, 5, 4, layout="sliced"),)
+    yield "linear_bias", "linear", (rand(3, 20), rand(9, 20), rand(9))
+    yield "linear_no_bias", "linear", (rand(1, 20), rand(9, 20), None)
+    yield "linear_many_rows", "linear", (rand(24, 20), rand(9, 20), rand(9))  # ATen's GEMM
 
 
 @needs_ext

@@ -2,7 +2,7 @@
 
 #include "max_pool.h"
 
-#include "avx2_gemm.h"
+#include "lanes.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -24,45 +24,10 @@ T max_keep_nan(T a, T b) {
 }
 
 #if RF_HAVE_X86
-// Eight values of T as fp32 lanes. Every value stored is one that was loaded (or the all-ones NaN),
-// so the round trip through fp32 is exact for bf16 and fp16.
-template <typename T>
-struct Lanes;
-
-template <>
-struct Lanes<float> {
-  RF_AVX2 static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-  RF_AVX2 static void store(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-};
-
-template <>
-struct Lanes<at::BFloat16> {
-  RF_AVX2 static __m256 load(const at::BFloat16* p) {
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  }
-  RF_AVX2 static void store(at::BFloat16* p, __m256 v) {
-    const __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-    // packus works within 128-bit halves: the 8 results land in 64-bit quarters 0 and 2.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0b1000);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-};
-
-template <>
-struct Lanes<at::Half> {
-  __attribute__((target("avx2,fma,f16c"))) static __m256 load(const at::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  __attribute__((target("avx2,fma,f16c"))) static void store(at::Half* p, __m256 v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-};
-
 // One output pixel's `c` channels: the max over the window's pixels (`first`, then `count` more
 // at `others`), eight channels at a time; a NaN anywhere in a channel's window makes it NaN.
 template <typename T>
-__attribute__((target("avx2,fma,f16c"))) void window_max(const T* first, const T* const* others, int64_t count,
+RF_AVX2_F16C void window_max(const T* first, const T* const* others, int64_t count,
                                                          int64_t c, T* out) {
   int64_t ch = 0;
   for (; ch + 8 <= c; ch += 8) {
@@ -119,14 +84,7 @@ void pool(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stri
 
 }  // namespace
 
-bool can_max_pool2d_channels_last() {
-#if RF_HAVE_X86
-  static const bool ok = avx2::cpu_has_avx2_fma() && __builtin_cpu_supports("f16c");
-  return ok;
-#else
-  return false;
-#endif
-}
+bool can_max_pool2d_channels_last() { return cpu_has_avx2_f16c(); }
 
 void max_pool2d_channels_last(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                               at::IntArrayRef padding, const at::Tensor& out) {

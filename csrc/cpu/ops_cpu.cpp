@@ -10,6 +10,7 @@
 
 #include "../common.h"
 #include "avx2_gemm.h"
+#include "head.h"
 #include "implicit_gemm.h"
 #include "max_pool.h"
 #include "output_pool.h"
@@ -25,6 +26,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/max_pool2d.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/zeros.h>
@@ -928,6 +930,28 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::
   return out;
 }
 
+at::Tensor global_avg_pool_cpu(const at::Tensor& x) {
+  check_global_pool_args(x);
+  if (x.numel() == 0 || x.scalar_type() == at::kDouble || !can_run_head_kernels() ||
+      !x.is_contiguous(c10::MemoryFormat::ChannelsLast) || x.suggest_memory_format() != c10::MemoryFormat::ChannelsLast) {
+    return global_avg_pool_aten(x);  // NCHW planes: ATen's reduction reads them contiguously
+  }
+  at::Tensor out = at::empty({x.size(0), x.size(1), 1, 1}, x.options());
+  global_avg_pool_channels_last(x, out);
+  return out;
+}
+
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_linear_args(x, weight, bias);
+  if (x.size(0) == 0 || x.size(0) > linear_rows_limit(x.scalar_type()) || x.scalar_type() == at::kDouble || !can_run_head_kernels() ||
+      !weight.is_contiguous()) {
+    return at::linear(x, weight, bias);
+  }
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  linear_rows(x.contiguous(), weight, bias.has_value() ? bias->contiguous() : at::Tensor(), out);
+  return out;
+}
+
 at::Tensor bias_act_cpu(const at::Tensor& x, const at::Tensor& bias, bool relu) {
   return bias_act_with(epilogue_cpu, x, bias, relu);
 }
@@ -1063,4 +1087,6 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("bias_act", &resnet_fused::bias_act_cpu);
   m.impl("add_relu", &resnet_fused::add_relu_cpu);
   m.impl("max_pool2d", &resnet_fused::max_pool2d_cpu);
+  m.impl("global_avg_pool", &resnet_fused::global_avg_pool_cpu);
+  m.impl("linear", &resnet_fused::linear_cpu);
 }

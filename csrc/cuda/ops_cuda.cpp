@@ -12,6 +12,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/cudnn_convolution_add_relu.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/max_pool2d.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -266,6 +267,17 @@ at::Tensor max_pool2d_cuda(const at::Tensor& x, at::IntArrayRef kernel_size, at:
   return at::max_pool2d(x, kernel_size, stride, padding);
 }
 
+// The head is a sliver of a GPU forward: ATen's kernels.
+at::Tensor global_avg_pool_cuda(const at::Tensor& x) {
+  check_global_pool_args(x);
+  return global_avg_pool_aten(x);
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_linear_args(x, weight, bias);
+  return at::linear(x, weight, bias);
+}
+
 }  // namespace
 }  // namespace resnet_fused
 
@@ -274,4 +286,6 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("bias_act", &resnet_fused::bias_act_cuda);
   m.impl("add_relu", &resnet_fused::add_relu_cuda);
   m.impl("max_pool2d", &resnet_fused::max_pool2d_cuda);
+  m.impl("global_avg_pool", &resnet_fused::global_avg_pool_cuda);
+  m.impl("linear", &resnet_fused::linear_cuda);
 }

@@ -2,8 +2,10 @@
 
 Each module provides ``NAME``, ``unavailable_reason(device_type, dtype) -> str | None`` (``dtype``
 may be ``None``: "for any dtype") and the kernels ``conv_bias_act(x, weight, bias, stride,
-padding, groups, residual, relu)``, ``add_relu(x, residual)`` and ``bias_act(x, bias, relu)``,
-called with arguments already validated by ``ops`` (stride and padding as pairs, non-empty tensors).
+padding, groups, residual, relu)``, ``add_relu(x, residual)``, ``bias_act(x, bias, relu)``,
+``max_pool2d(x, kernel_size, stride, padding)``, ``global_avg_pool(x)`` and ``linear(x, weight,
+bias)`` (x 2-D), called with arguments already validated by ``ops`` (stride and padding as pairs,
+non-empty tensors).
 """
 
 from typing import Optional

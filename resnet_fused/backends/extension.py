@@ -98,7 +98,7 @@ GEMM_CORE_ENV = "RESNET_FUSED_GEMM_CORE"
 THREAD_SPLIT_ENV = "RESNET_FUSED_THREAD_SPLIT"
 CPU_ISA_ENV = "RESNET_FUSED_CPU_ISA"
 CPU_POOL_ENV = "RESNET_FUSED_CPU_POOL_MB"
-OPS = ("conv_bias_act", "bias_act", "add_relu", "max_pool2d")
+OPS = ("conv_bias_act", "bias_act", "add_relu", "max_pool2d", "global_avg_pool", "linear")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
@@ -223,6 +223,8 @@ if _LOAD_ERROR is None:
     _bias_act = torch.ops.resnet_fused.bias_act.default
     _add_relu = torch.ops.resnet_fused.add_relu.default
     _max_pool2d = torch.ops.resnet_fused.max_pool2d.default
+    _global_avg_pool = torch.ops.resnet_fused.global_avg_pool.default
+    _linear = torch.ops.resnet_fused.linear.default
 
     @torch.library.register_fake("resnet_fused::conv_bias_act")
     def _conv_bias_act_fake(x, weight, bias, stride, padding, groups, residual, relu):
@@ -242,6 +244,14 @@ if _LOAD_ERROR is None:
         shape = _shapes.pool_output_shape(x.shape, kernel_size, stride, padding)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_suggest_memory_format(x))
 
+    @torch.library.register_fake("resnet_fused::global_avg_pool")
+    def _global_avg_pool_fake(x):
+        return x.new_empty((x.shape[0], x.shape[1], 1, 1))
+
+    @torch.library.register_fake("resnet_fused::linear")
+    def _linear_fake(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
 
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
     return _conv_bias_act(x, weight, bias, list(stride), list(padding), groups, residual, relu)
@@ -257,3 +267,11 @@ def bias_act(x, bias, relu):
 
 def max_pool2d(x, kernel_size, stride, padding):
     return _max_pool2d(x, list(kernel_size), list(stride), list(padding))
+
+
+def global_avg_pool(x):
+    return _global_avg_pool(x)
+
+
+def linear(x, weight, bias):
+    return _linear(x, weight, bias)

@@ -27,7 +27,7 @@ from torch._prims_common import suggest_memory_format
 
 from .. import _shapes
 from . import plain_eager
-from .torch_backend import add_relu, bias_act, max_pool2d  # noqa: F401 - oneDNN adds nothing to these ops
+from .torch_backend import add_relu, bias_act, global_avg_pool, linear, max_pool2d  # noqa: F401 - oneDNN adds nothing to these ops
 
 NAME = "onednn"
 

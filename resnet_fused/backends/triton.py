@@ -20,7 +20,7 @@ import torch
 
 from .. import _shapes
 from . import plain_eager
-from .torch_backend import max_pool2d  # noqa: F401 - a pool has no Triton kernel of ours: torch's
+from .torch_backend import global_avg_pool, linear, max_pool2d  # noqa: F401 - no Triton kernels of ours: torch's
 
 NAME = "triton"
 
