@@ -1,6 +1,8 @@
 """The op layer: validation, backend choice, and the CPU backends (torch, onednn) against float64."""
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -295,3 +297,19 @@ def test_bound_conv_follows_the_backend_variable(monkeypatch):
         out = bound(x, weight, bias)
     assert calls == ["torch", "torch", AUTO_CPU]
     assert_close(out, reference_conv_bias_act(x, weight, bias, **kw))
+
+
+def test_bound_conv_plan_keeps_no_weight_alive():
+    """The plan knows its weight by a weak reference: a model moved to another dtype or device
+    does not keep the old weights in memory, and new weights are checked before they are used."""
+    x, weight, bias = torch.randn(1, 4, 5, 5), torch.randn(8, 4, 3, 3), torch.randn(8)
+    bound = ops.BoundConvBiasAct(padding=1, backend="torch")
+    with torch.inference_mode():
+        bound(x, weight, bias)
+        bound(x, weight, bias)
+    refs = weakref.ref(weight), weakref.ref(bias)
+    del weight, bias
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+    with torch.inference_mode(), pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        bound(x, torch.randn(8, 4, 3, 3, dtype=torch.float64), None)
