@@ -176,6 +176,13 @@ def _check_same(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
 
 
+def _check_bias(bias: torch.Tensor | _Meta, x: torch.Tensor | _Meta, out_features: int) -> None:
+    _check_tensor("bias", bias, 1)
+    _check_same("bias", bias, x)
+    if bias.shape[0] != out_features:
+        raise ValueError(f"bias must have shape ({out_features},) to match weight, got {tuple(bias.shape)}")
+
+
 def _check_no_grad(**tensors: torch.Tensor | None) -> None:
     if not torch.is_grad_enabled():
         return
@@ -218,10 +225,7 @@ def _check_conv(x: _Meta, weight: _Meta, bias: _Meta | None, stride, padding, gr
             f"({c_per_group} per group x groups={groups}); x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)}"
         )
     if bias is not None:
-        _check_tensor("bias", bias, 1)
-        _check_same("bias", bias, x)
-        if bias.shape[0] != k:
-            raise ValueError(f"bias must have shape ({k},) to match weight, got {tuple(bias.shape)}")
+        _check_bias(bias, x, k)
     out_shape = _shapes.conv_output_shape(x.shape, weight.shape, stride, padding)
     if out_shape[2] < 1 or out_shape[3] < 1:
         raise ValueError(
@@ -461,10 +465,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             f"{tuple(x.shape)} has {x.shape[-1]}"
         )
     if bias is not None:
-        _check_tensor("bias", bias, 1)
-        _check_same("bias", bias, x)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
+        _check_bias(bias, x, weight.shape[0])
     _check_no_grad(x=x, weight=weight, bias=bias)
     if x.numel() == 0 or weight.numel() == 0:
         return torch_backend.linear(x, weight, bias)  # empty shapes: torch's rules for what comes out
