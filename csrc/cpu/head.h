@@ -6,8 +6,8 @@
 // unused: resnet50's head on Zen 4, 2 threads, caches flushed first, batch 1: ATen's pool + linear
 // 0.76 ms fp32 / 0.62 ms bf16, where reading the weight alone takes 0.34 / 0.19 ms. Ours, alone
 // (2048 -> 1000, weight flushed from the caches): linear fp32 0.28-0.30 ms vs ATen's 0.54-0.67 at
-// batch 1, 0.83 vs 1.39 at 16; bf16 0.21-0.22 vs 0.30-0.44 at 1, 0.37 vs 0.45 at 4; the pool
-// of a freshly written 2048x7x7 map at batch 1: 8 vs 19-90 us.
+// batch 1, 0.83 vs 1.39 at 16; bf16 0.18-0.22 vs 0.29-0.44 at 1, within noise at 4 (0.37-0.39 vs
+// 0.33-0.45); the pool of a freshly written 2048x7x7 map at batch 1: 8 vs 19-90 us.
 
 #include <ATen/core/Tensor.h>
 

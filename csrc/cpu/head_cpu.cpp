@@ -6,11 +6,9 @@
 #include "lanes.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 namespace resnet_fused {
 namespace {

@@ -11,7 +11,11 @@
 
 #include <type_traits>
 
+#if RF_HAVE_X86
 #define RF_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+#else
+#define RF_AVX2_F16C
+#endif
 
 namespace resnet_fused {
 
