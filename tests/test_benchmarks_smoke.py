@@ -444,3 +444,14 @@ def test_per_layer_script_bf16(tmp_path):
     assert all(layer["kernel"] != "?" and layer["ours_ms"] > 0 for layer in data["layers"])
     text = (tmp_path / "per_layer.md").read_text()
     assert "32x32 bfloat16" in text and all(f"Note: {note}" in text for note in data["notes"])
+
+
+def test_head_in_forward_script():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "head_in_forward.py"), "--model", "resnet18", "--size", "64", "--rounds", "12",
+         "--batch", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("resnet18 batch 2 fp32") and "fused " in line and "aten " in line
