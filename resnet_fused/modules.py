@@ -15,10 +15,6 @@ from . import _shapes, ops
 __all__ = ["FusedConvBNAct", "FusedBasicBlock", "FusedBottleneck", "MaxPool2d", "GlobalAvgPool2d", "Linear"]
 
 
-# Indexed by FusedConvBNAct.channels_last.
-_FORMATS = (torch.contiguous_format, torch.channels_last)
-
-
 class FusedConvBNAct(nn.Module):
     """``relu?(conv(x, weight) + bias (+ residual))`` with BatchNorm already folded into weight and bias.
 
@@ -63,7 +59,8 @@ class FusedConvBNAct(nn.Module):
         # several times their micro-benchmark time (a flat loop of op calls ran resnet50 bf16 batch 1
         # 5-9% faster than these modules did with attribute reads).
         buffers = self._buffers
-        return self.conv(x.contiguous(memory_format=_FORMATS[self.channels_last]), buffers["weight"], buffers["bias"], residual)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.conv(x.contiguous(memory_format=memory_format), buffers["weight"], buffers["bias"], residual)
 
     def extra_repr(self) -> str:
         k, c, r, s = self.weight.shape
