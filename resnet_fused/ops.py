@@ -298,8 +298,8 @@ class BoundConvBiasAct:
 
     The first call with a given signature (x's and the residual's shape, dtype and device, the very
     weight and bias tensors, and the backend request) runs every check of :func:`conv_bias_act`;
-    later calls with that signature go straight to the backend's kernel. WHY: measured on resnet50 at batch 1 (CPU), the per-call checks
-    and dispatch cost 2-3 ms of a 70 ms forward. Calls with grad enabled, with tensor subclasses or
+    later calls with that signature go straight to the backend's kernel. WHY: measured on resnet50
+    at batch 1 (CPU), the per-call checks and dispatch cost 2-3 ms of a 70 ms forward. Calls with grad enabled, with tensor subclasses or
     under ``torch.compile`` always take the checked path.
     """
 
@@ -326,11 +326,9 @@ class BoundConvBiasAct:
     ) -> torch.Tensor:
         # The plan holds weak references to the weight and bias it was checked with: the same objects
         # (a module's buffers) pass by identity, anything else (a .to() copy) takes the checked path,
-        # and a replaced weight is not kept alive by the plan. WHY so
-        # lean: inside a forward this runs right after a conv kernel has flushed the interpreter's
-        # state from the caches, and there each step costs several times its micro-benchmark time
-        # (a plain op-call loop ran resnet50 bf16 batch 1 5% faster than the modules with the
-        # earlier, fuller key of every tensor's shape, dtype and device).
+        # and a replaced weight is not kept alive by the plan. WHY so lean: inside a forward this runs
+        # right after a conv kernel has flushed the interpreter's state from the caches, where each
+        # step costs several times its micro-benchmark time (see FusedConvBNAct.forward).
         plan = self._plan
         # is_compiling() first: a traced call must never reach the cached plan (its weak references
         # and its environment read).

@@ -918,11 +918,16 @@ at::Tensor conv_bias_act_cpu(
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);
 }
 
+// What the pooling kernels of ours take: a non-empty dense channels_last x of float, bf16 or fp16.
+bool pooled_by_own_kernel(const at::Tensor& x) {
+  return x.numel() > 0 && x.scalar_type() != at::kDouble && x.is_contiguous(c10::MemoryFormat::ChannelsLast) &&
+         x.suggest_memory_format() == c10::MemoryFormat::ChannelsLast;
+}
+
 at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                           at::IntArrayRef padding) {
   const auto out_sizes = check_pool_args(x, kernel_size, stride, padding);
-  if (x.numel() == 0 || x.scalar_type() == at::kDouble || !can_max_pool2d_channels_last() ||
-      !x.is_contiguous(c10::MemoryFormat::ChannelsLast) || x.suggest_memory_format() != c10::MemoryFormat::ChannelsLast) {
+  if (!pooled_by_own_kernel(x) || !can_max_pool2d_channels_last()) {
     return at::max_pool2d(x, kernel_size, stride, padding);  // ATen's, for what ours does not take
   }
   at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
@@ -932,8 +937,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& x, at::IntArrayRef kernel_size, at::
 
 at::Tensor global_avg_pool_cpu(const at::Tensor& x) {
   check_global_pool_args(x);
-  if (x.numel() == 0 || x.scalar_type() == at::kDouble || !can_run_head_kernels() ||
-      !x.is_contiguous(c10::MemoryFormat::ChannelsLast) || x.suggest_memory_format() != c10::MemoryFormat::ChannelsLast) {
+  if (!pooled_by_own_kernel(x) || !can_run_head_kernels()) {
     return global_avg_pool_aten(x);  // NCHW planes: ATen's reduction reads them contiguously
   }
   at::Tensor out = at::empty({x.size(0), x.size(1), 1, 1}, x.options());
@@ -943,8 +947,8 @@ at::Tensor global_avg_pool_cpu(const at::Tensor& x) {
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_linear_args(x, weight, bias);
-  if (x.size(0) == 0 || x.size(0) > linear_rows_limit(x.scalar_type()) || x.scalar_type() == at::kDouble || !can_run_head_kernels() ||
-      !weight.is_contiguous()) {
+  if (x.size(0) == 0 || x.size(0) > linear_rows_limit(x.scalar_type()) || x.scalar_type() == at::kDouble ||
+      !can_run_head_kernels() || !weight.is_contiguous()) {
     return at::linear(x, weight, bias);
   }
   at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
