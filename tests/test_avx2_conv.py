@@ -123,6 +123,8 @@ def split(request, monkeypatch):
 def test_winograd_matches_float64(shape, flags, layout, tile, core, forced):
     x, weight, bias, residual, relu = make_case(shape, flags, layout)
     assert own_kernel_ran(lambda: conv(x, weight, bias, residual, relu), f"winograd_f{tile}x{tile}")
+    # Finite inputs: no output flagged non-finite, so no redo by the implicit GEMM (winograd.h).
+    assert not own_kernel_ran(lambda: conv(x, weight, bias, residual, relu), "implicit_gemm")
     out = conv(x, weight, bias, residual, relu)
     expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
     assert out.is_contiguous(memory_format=expected_format)

@@ -82,9 +82,13 @@ def test_native_bf16_matches_float64(case, flags, layout, split, native, monkeyp
     assert_within_eager_error(out, eager.relu() if relu else eager, ref)
 
 
+# C = 29: the 16-lane, 8-lane and one-channel loops of the transforms (winograd_tiles.h) in one call.
+WINOGRAD_SHAPES = SHAPES + [(1, 29, 32, 6, 7)]
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in SHAPES])
+@pytest.mark.parametrize("shape", WINOGRAD_SHAPES, ids=[f"n{n}c{c}k{k}_{h}x{w}" for n, c, k, h, w in WINOGRAD_SHAPES])
 def test_winograd_bf16_matches_float64(shape, flags, layout, winograd_bf16):
     """F(2x2) on the bf16 core (odd sizes: partial tiles; odd C: the lone last channel): within
     bf16's tolerance of float64, and within 3x eager bf16's error on one conv. WHY 3x: eager rounds
@@ -94,6 +98,8 @@ def test_winograd_bf16_matches_float64(shape, flags, layout, winograd_bf16):
     (x, weight, bias, residual, relu), stride, padding = bf16_case((*shape, 3, 1, 1), flags, layout)
     call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
     assert kernel_ran(call, "winograd_f2x2_bf16")
+    # Finite inputs: no output flagged non-finite, so no redo by the implicit GEMM (winograd.h).
+    assert not own_kernel_ran(call, "implicit_gemm_bf16")
     out = call()
     assert out.dtype == torch.bfloat16
     ref = reference(x, weight, bias, residual, relu, stride, padding)

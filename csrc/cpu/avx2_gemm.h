@@ -20,6 +20,20 @@
 #include <immintrin.h>
 #define RF_AVX2 __attribute__((target("avx2,fma")))
 #define RF_HAVE_X86 1
+// Every function defined between a BEGIN and the END is compiled for that ISA, as if it carried the
+// target attribute: code written once over its vector type and compiled once per ISA
+// (winograd_tiles.h), where an attribute on each function would pin every copy to one ISA.
+#if defined(__clang__)
+#define RF_TARGET_REGION_BEGIN_AVX2 _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define RF_TARGET_REGION_BEGIN_AVX512_BF16 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16\"))), apply_to = function)")
+#define RF_TARGET_REGION_END _Pragma("clang attribute pop")
+#else
+#define RF_TARGET_REGION_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define RF_TARGET_REGION_BEGIN_AVX512_BF16 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16\")")
+#define RF_TARGET_REGION_END _Pragma("GCC pop_options")
+#endif
 #else
 #define RF_AVX2
 #define RF_HAVE_X86 0
