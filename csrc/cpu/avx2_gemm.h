@@ -248,6 +248,7 @@ RF_AVX2 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const fl
   const int64_t taps_per_chunk = std::max<int64_t>(1, kChunk / c);
   const int64_t c_chunk = std::min(c, kChunk);
   const int64_t panel_stride = taps * c * kPanel;
+  const int64_t tiles = (count + kRows - 1) / kRows;
   for (int64_t t0 = 0; t0 < taps; t0 += taps_per_chunk) {
     const int64_t nt = std::min(taps_per_chunk, taps - t0);
     for (int64_t c0 = 0; c0 < c; c0 += c_chunk) {
@@ -256,7 +257,20 @@ RF_AVX2 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const fl
       const bool last = t0 + nt == taps && c0 + cc == c;
       for (int64_t p = 0; p < panels; ++p) {
         const float* chunk_panel = panel + p * panel_stride + (t0 * c + c0) * kPanel;
+        // The next panel's slice of this chunk, fetched into L2 in equal shares before this panel's
+        // calls. WHY: where few rows share a weight (batch 1, 14x14 and 7x7 maps) the slice comes
+        // from DRAM, and the hardware prefetcher starts each slice cold. Measured (Zen 4, 2 threads,
+        // fp32, with and without in one process): resnet18 batch 1 1.06x, batch 8 1.05x; resnet50
+        // batch 1 1.07x, batch 8 1.00x.
+        const float* next_slice = p + 1 < panels ? chunk_panel + panel_stride : nullptr;
+        const int64_t next_lines = nt * cc * kPanel / 16;
         for (int64_t r = 0; r < count; r += kRows) {
+          if (next_slice != nullptr) {
+            const int64_t tile = r / kRows, first = next_lines * tile / tiles, last = next_lines * (tile + 1) / tiles;
+            for (int64_t l = first; l < last; ++l) {
+              _mm_prefetch(reinterpret_cast<const char*>(next_slice + l * 16), _MM_HINT_T1);
+            }
+          }
           const float* const* rr = rows + r * taps + t0;
           float* o = out + r * ld_out + p * kPanel;
           Epilogue er;
