@@ -299,8 +299,8 @@ class BoundConvBiasAct:
     The first call with a given signature (x's and the residual's shape, dtype and device, the very
     weight and bias tensors, and the backend request) runs every check of :func:`conv_bias_act`;
     later calls with that signature go straight to the backend's kernel. WHY: measured on resnet50
-    at batch 1 (CPU), the per-call checks and dispatch cost 2-3 ms of a 70 ms forward. Calls with grad enabled, with tensor subclasses or
-    under ``torch.compile`` always take the checked path.
+    at batch 1 (CPU), the per-call checks and dispatch cost 2-3 ms of a 70 ms forward. Calls with
+    grad enabled, with tensor subclasses or under ``torch.compile`` always take the checked path.
     """
 
     __slots__ = ("stride", "padding", "groups", "relu", "backend", "_plan")

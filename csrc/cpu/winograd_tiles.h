@@ -50,8 +50,8 @@ struct Vec8Ops {
 };
 
 #if RF_WINOGRAD_LANES16
-// (The all-ones-masked forms compile to the unmasked instructions, without GCC 12's
-// -Wmaybe-uninitialized on the unmasked intrinsics' undefined pass-through operand; bf16_gemm.h.)
+// (The all-ones-masked max compiles to the unmasked instruction, without GCC 12's
+// -Wmaybe-uninitialized on the unmasked intrinsic's undefined pass-through operand; bf16_gemm.h.)
 struct Vec16Ops {
   static constexpr int kLanes = 16;
   __m512 zero() const { return _mm512_setzero_ps(); }
@@ -60,10 +60,7 @@ struct Vec16Ops {
   __m512 fma(__m512 a, float k, __m512 b) const { return _mm512_fmadd_ps(a, _mm512_set1_ps(k), b); }
   __m512 mul(__m512 a, float k) const { return _mm512_mul_ps(a, _mm512_set1_ps(k)); }
   __m512 load(const float* p) const { return _mm512_loadu_ps(p); }
-  __m512 load(const uint16_t* p) const {
-    const __m512i bits = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, bits, 16));
-  }
+  __m512 load(const uint16_t* p) const { return avx512_bf16::widen(p); }  // the bf16 core's exact widening
   void store(float* p, __m512 v) const { _mm512_storeu_ps(p, v); }
   // Nearest, ties to even, NaN kept NaN (a quiet one); denormals flushed to zero (see above).
   void store(uint16_t* p, __m512 v) const {
