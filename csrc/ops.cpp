@@ -61,6 +61,14 @@ TORCH_LIBRARY(resnet_fused, m) {
       "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int groups, "
       "Tensor? residual, bool relu) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // A stage of residual blocks, each a chain of conv_bias_act calls (csrc/residual_blocks.cpp): per
+  // conv, in the order they run (a block's projection shortcut first), a weight, a bias, groups and
+  // a (H, W) pair each of stride and padding; per block, its chain's length and whether its
+  // shortcut is a projection conv.
+  m.def(
+      "residual_blocks(Tensor x, Tensor[] weights, Tensor?[] biases, int[] strides, int[] paddings, int[] groups, "
+      "int[] chain_lengths, bool[] projections) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   m.def("bias_act(Tensor x, Tensor bias, bool relu) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("add_relu(Tensor x, Tensor residual) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor",

@@ -5,7 +5,8 @@ What is recognised and fused:
   zero padding) and whose extras (squeeze-excite, anti-aliasing, drop-block, drop-path) are absent;
 - the stem ``conv -> BN -> ReLU`` of the known ResNet classes (:data:`STEM_SPECS`);
 - inside any ``nn.Sequential`` (a downsample shortcut, a deep stem), each ``Conv2d -> BatchNorm2d``
-  pair, together with a following ``nn.ReLU``;
+  pair, together with a following ``nn.ReLU``; a ``nn.Sequential`` of residual blocks only (a stage,
+  ``layer1``) becomes a :class:`~resnet_fused.modules.FusedStage`, which runs them in one op call;
 - ``nn.MaxPool2d`` without dilation, ceil mode or indices (the pool after the stem) becomes
   :class:`~resnet_fused.modules.MaxPool2d`, on the same backend;
 - the head: ``nn.AdaptiveAvgPool2d`` to 1x1 becomes :class:`~resnet_fused.modules.GlobalAvgPool2d`
@@ -23,7 +24,7 @@ from torch import nn
 
 from . import ops, reference
 from .folding import fold_bn
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, GlobalAvgPool2d, Linear, MaxPool2d
+from .modules import FusedBasicBlock, FusedBottleneck, FusedConvBNAct, FusedStage, GlobalAvgPool2d, Linear, MaxPool2d
 
 __all__ = ["fuse", "BlockSpec", "BLOCK_SPECS", "STEM_SPECS"]
 
@@ -130,6 +131,8 @@ class _Fuser:
             else:
                 fused.append(self.walk(children[i]))
                 i += 1
+        if fused and all(type(m) in (FusedBasicBlock, FusedBottleneck) for m in fused):
+            return FusedStage(*fused)  # a stage of residual blocks: run in one op call where it can be
         return nn.Sequential(*fused)
 
     def stem(self, model: nn.Module, names: tuple[str, str, str]) -> None:

@@ -32,6 +32,8 @@ __all__ = [
     "resolve_backend",
     "conv_bias_act",
     "BoundConvBiasAct",
+    "residual_blocks",
+    "residual_blocks_kernel",
     "add_relu",
     "bias_act",
     "max_pool2d",
@@ -370,6 +372,100 @@ class BoundConvBiasAct:
             bias_ref = _none if bias is None else weakref.ref(bias)
             self._plan = (key, weakref.ref(weight), bias_ref, backend.conv_bias_act)
         return out
+
+
+def residual_blocks(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    *,
+    strides: Sequence,
+    paddings: Sequence,
+    groups: Sequence[int],
+    chain_lengths: Sequence[int],
+    projections: Sequence[bool],
+    backend: str | None = None,
+) -> torch.Tensor:
+    """A stage of residual blocks (a ResNet's ``layer1``) in one call.
+
+    Block ``i`` runs a chain of ``chain_lengths[i]`` convs, each ``conv_bias_act`` with ReLU, the
+    last one adding the shortcut before its ReLU; the shortcut is the block's input, or where
+    ``projections[i]`` is true one more conv of it (conv + folded BN, no ReLU), which comes first.
+    ``weights``, ``biases``, ``strides``, ``paddings`` and ``groups`` have one entry per conv, in
+    that order (a block's projection, then its chain). Each conv's input is made channels_last
+    first, as :class:`~resnet_fused.modules.FusedConvBNAct` does.
+
+    Every conv is checked as :func:`conv_bias_act` checks it. A backend that runs a whole stage in
+    one call (the extension: its C++ loop skips the Python and op-call cost per conv) gets it;
+    others run the convs one by one.
+    """
+    counts = {"biases": len(biases), "strides": len(strides), "paddings": len(paddings), "groups": len(groups)}
+    wrong = {name: n for name, n in counts.items() if n != len(weights)}
+    if wrong:
+        raise ValueError(f"residual_blocks takes one entry per weight ({len(weights)}), got {wrong}")
+    if len(chain_lengths) != len(projections):
+        raise ValueError(
+            f"chain_lengths and projections need one entry per block, got {len(chain_lengths)} and {len(projections)}"
+        )
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in chain_lengths):
+        raise ValueError(f"chain_lengths must be positive ints, got {list(chain_lengths)}")
+    needed = sum(chain_lengths) + sum(bool(p) for p in projections)
+    if needed != len(weights):
+        raise ValueError(f"the blocks described take {needed} convs, got {len(weights)} weights")
+    convs = list(zip(weights, biases, strides, paddings, groups))
+    # Every conv checked before any runs, on metadata: an error names the block and conv.
+    meta, i = _meta("x", x), 0
+    for block, (length, projection) in enumerate(zip(chain_lengths, projections)):
+        shortcut = meta
+        if projection:
+            shortcut = _check_block_conv(block, "projection", meta, convs[i], None)
+            i += 1
+        for j in range(length):
+            meta = _check_block_conv(block, f"conv {j}", meta, convs[i], shortcut if j == length - 1 else None)
+            i += 1
+    _check_no_grad(x=x, **{f"weights[{n}]": w for n, w in enumerate(weights)},
+                   **{f"biases[{n}]": b for n, b in enumerate(biases)})
+    kernel = residual_blocks_kernel(backend, x.device, x.dtype)
+    if kernel is not None and x.numel() > 0 and all(w.numel() > 0 for w in weights):
+        flat_stride = [v for stride in strides for v in _shapes.pair(stride, "stride")]
+        flat_padding = [v for padding in paddings for v in _shapes.pair(padding, "padding")]
+        return kernel(x, list(weights), list(biases), flat_stride, flat_padding, list(groups), list(chain_lengths),
+                      [bool(p) for p in projections])
+    i = 0
+    for length, projection in zip(chain_lengths, projections):
+        shortcut = x
+        if projection:
+            weight, bias, stride, padding, group = convs[i]
+            shortcut = conv_bias_act(x.contiguous(memory_format=torch.channels_last), weight, bias, stride=stride,
+                                     padding=padding, groups=group, relu=False, backend=backend)
+            i += 1
+        for j in range(length):
+            weight, bias, stride, padding, group = convs[i]
+            x = conv_bias_act(x.contiguous(memory_format=torch.channels_last), weight, bias, stride=stride,
+                              padding=padding, groups=group, residual=shortcut if j == length - 1 else None,
+                              relu=True, backend=backend)
+            i += 1
+    return x
+
+
+def _check_block_conv(block: int, name: str, x: _Meta, conv: tuple, residual: _Meta | None) -> _Meta:
+    """conv_bias_act's checks of one conv of residual_blocks; the output's metadata."""
+    weight, bias, stride, padding, groups = conv
+    try:
+        args = (x, _meta("weight", weight), None if bias is None else _meta("bias", bias), _hashable(stride),
+                _hashable(padding), groups, residual)
+        out_shape, _, _ = _run_check(_check_conv, _checked_conv, args)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"residual_blocks: block {block}, {name}: {e}") from None
+    return _Meta(torch.Size(out_shape), x.dtype, x.device)
+
+
+def residual_blocks_kernel(backend: str | None, device: torch.device | str, dtype: torch.dtype):
+    """The one-call stage kernel of the backend chosen for ``device`` and ``dtype`` (its
+    ``residual_blocks``, taking checked arguments with stride and padding flattened), or ``None``
+    where that backend runs convs one by one. For callers that check the arguments once and then
+    call it many times (:class:`~resnet_fused.modules.FusedStage`)."""
+    return getattr(BACKENDS[resolve_backend(backend, device, dtype)], "residual_blocks", None)
 
 
 def add_relu(x: torch.Tensor, residual: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -227,6 +227,15 @@ def _opcheck_samples(device):
     yield "linear_bias", "linear", (rand(3, 20), rand(9, 20), rand(9))
     yield "linear_no_bias", "linear", (rand(1, 20), rand(9, 20), None)
     yield "linear_many_rows", "linear", (rand(24, 20), rand(9, 20), rand(9))  # ATen's GEMM
+    # Two blocks: a strided projection shortcut and a 2-conv chain, then an identity shortcut and a
+    # 3-conv chain with a grouped conv and a missing bias.
+    yield "residual_blocks", "residual_blocks", (
+        rand(2, 8, 7, 9, layout="channels_last"),
+        [rand(16, 8, 1, 1), rand(16, 8, 3, 3), rand(16, 16, 3, 3), rand(8, 16, 1, 1), rand(8, 4, 3, 3),
+         rand(16, 8, 1, 1)],
+        [rand(16), rand(16), rand(16), rand(8), None, rand(16)],
+        [2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 2, 1], [2, 3],
+        [True, False])
 
 
 @needs_ext

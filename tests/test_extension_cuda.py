@@ -506,6 +506,9 @@ def test_fused_resnet50_cuda(resnet50_case, dtype, cudnn_fused, no_tf32):
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = fused(x)
+        again = fused(x)  # each stage now one residual_blocks call, running the same conv kernels
         eager = gpu_model.to(dtype)(x)
+    assert fused.layer_1._plan is not None
+    torch.testing.assert_close(again, out)
     verdict = judge(out, eager, reference)
     assert verdict.ok, verdict

@@ -5,7 +5,10 @@ may be ``None``: "for any dtype") and the kernels ``conv_bias_act(x, weight, bia
 padding, groups, residual, relu)``, ``add_relu(x, residual)``, ``bias_act(x, bias, relu)``,
 ``max_pool2d(x, kernel_size, stride, padding)``, ``global_avg_pool(x)`` and ``linear(x, weight,
 bias)`` (x 2-D), called with arguments already validated by ``ops`` (stride and padding as pairs,
-non-empty tensors).
+non-empty tensors). A backend may also run a whole stage of residual blocks in one call,
+``residual_blocks(x, weights, biases, strides, paddings, groups, chain_lengths, projections)``
+(see :func:`resnet_fused.ops.residual_blocks`; stride and padding flattened, two ints per conv);
+``ops`` runs the blocks conv by conv on a backend without it.
 """
 
 from typing import Optional

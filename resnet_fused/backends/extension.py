@@ -225,6 +225,7 @@ if _LOAD_ERROR is None:
     _max_pool2d = torch.ops.resnet_fused.max_pool2d.default
     _global_avg_pool = torch.ops.resnet_fused.global_avg_pool.default
     _linear = torch.ops.resnet_fused.linear.default
+    _residual_blocks = torch.ops.resnet_fused.residual_blocks.default
 
     @torch.library.register_fake("resnet_fused::conv_bias_act")
     def _conv_bias_act_fake(x, weight, bias, stride, padding, groups, residual, relu):
@@ -255,6 +256,10 @@ if _LOAD_ERROR is None:
 
 def conv_bias_act(x, weight, bias, stride, padding, groups, residual, relu):
     return _conv_bias_act(x, weight, bias, list(stride), list(padding), groups, residual, relu)
+
+
+def residual_blocks(x, weights, biases, strides, paddings, groups, chain_lengths, projections):
+    return _residual_blocks(x, weights, biases, strides, paddings, groups, chain_lengths, projections)
 
 
 def add_relu(x, residual):
