@@ -106,6 +106,16 @@ class Blocks {
   int64_t size(int64_t i) const {
     return starts_[i + 1] - starts_[i];
   }
+  // The most rows one thread gets when at::parallel_for hands `threads` threads equal runs of the
+  // blocks, as it does: ceil(count / threads) consecutive blocks each.
+  int64_t largest_share(int64_t threads) const {
+    const int64_t n = count(), per = (n + threads - 1) / threads;
+    int64_t most = 0;
+    for (int64_t first = 0; first < n; first += per) {
+      most = std::max(most, starts_[std::min(n, first + per)] - starts_[first]);
+    }
+    return most;
+  }
 
  private:
   // Units [first, last) into `count` blocks within one unit of each other (none empty).
