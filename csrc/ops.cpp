@@ -28,6 +28,8 @@ constexpr const char* kBuiltForTorch =
 // that check entries of freed or changed weights are dropped.
 int64_t cpu_weight_cache_size();
 int64_t cpu_output_pool_bytes(bool in_use);
+// How many work items of our CPU kernels a thread took from another's share (parallel_items.h).
+int64_t cpu_items_taken_over();
 // The kernel the CPU path's per-shape timing chose for each conv shape seen, one line each; the
 // same choices, in the same order, as a table of int rows (columns named by
 // cpu_conv_choice_fields()), which cpu_conv_load_choices() takes back (joining or, with `replace`,
@@ -78,6 +80,7 @@ TORCH_LIBRARY(resnet_fused, m) {
   m.def("build_info() -> str", &resnet_fused::build_info);
   m.def("cpu_weight_cache_size() -> int", &resnet_fused::cpu_weight_cache_size);
   m.def("cpu_output_pool_bytes(bool in_use) -> int", &resnet_fused::cpu_output_pool_bytes);
+  m.def("cpu_items_taken_over() -> int", &resnet_fused::cpu_items_taken_over);
   m.def("cpu_conv_choices() -> str[]", &resnet_fused::cpu_conv_choices);
   m.def("cpu_conv_choice_fields() -> str[]", &resnet_fused::cpu_conv_choice_fields);
   m.def("cpu_conv_choice_table() -> int[]", &resnet_fused::cpu_conv_choice_table);

@@ -332,6 +332,29 @@ def test_implicit_gemm_any_thread_count(threads, split, core, forced):
     assert_correct_on_threads((2, 24, 96, 13, 11), 1, threads)
 
 
+@pytest.mark.parametrize("case", THREAD_CASES[1:], ids=["winograd_blocks", "igemm_blocks"])
+def test_threads_take_over_items_with_the_same_results(case, forced):
+    """A thread done with its share takes the items left at the end of another's (parallel_items.h).
+    With four times as many threads as cores some threads always start late, so takeovers happen;
+    every result stays bit-identical to the single-thread one, whoever ran which item."""
+    shape, kernel = case
+    x, weight, bias, residual, relu = make_case(shape, (True, True, True), "channels_last", kernel=kernel)
+    before = torch.get_num_threads()
+    taken_before = torch.ops.resnet_fused.cpu_items_taken_over()
+    try:
+        torch.set_num_threads(1)
+        alone = conv(x, weight, bias, residual, relu)
+        torch.set_num_threads(4 * (os.cpu_count() or 1))
+        for attempt in range(200):
+            assert torch.equal(conv(x, weight, bias, residual, relu), alone), f"attempt {attempt}"
+            if torch.ops.resnet_fused.cpu_items_taken_over() > taken_before and attempt >= 10:
+                break
+    finally:
+        torch.set_num_threads(before)
+    assert torch.ops.resnet_fused.cpu_items_taken_over() > taken_before, "no thread ever took over an item"
+    assert_close(alone, reference(x, weight, bias, residual, relu))
+
+
 # Run in a fresh process: oneDNN reads ONEDNN_MAX_CPU_ISA once, when it first generates code.
 CAPPED_ISA_SCRIPT = """
 import json, torch, torch.nn.functional as F

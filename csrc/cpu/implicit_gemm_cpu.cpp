@@ -14,6 +14,7 @@
 
 #include "avx2_gemm.h"
 #include "bf16_gemm.h"
+#include "parallel_items.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -102,13 +103,13 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   }
   const int64_t group_panels = panels / k_groups;
   const T* xp = input.const_data_ptr<T>();
-  at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(blocks * k_groups, [&](const auto& claim) {
     thread_local std::vector<const T*> rows;
     thread_local std::vector<T> zero;
     rows.resize(split.max_size() * taps);
     zero.assign(c, T(0));
     const T** row = rows.data();
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = 0; claim(item);) {
       // Items in order: by channels, thread t gets group t with every block (its share of the
       // weight read once); by pixels, a thread's items are whole blocks with each of their groups.
       const int64_t blk = by_channels ? item % blocks : item / k_groups;

@@ -14,6 +14,7 @@
 #include "implicit_gemm.h"
 #include "max_pool.h"
 #include "output_pool.h"
+#include "parallel_items.h"
 #include "weight_cache.h"
 #include "winograd.h"
 
@@ -1079,6 +1080,10 @@ void cpu_conv_clear_choices() {
   TimedChoices& timed = timed_choices();
   std::lock_guard<std::mutex> lock(timed.mutex);
   timed.choices.clear();
+}
+
+int64_t cpu_items_taken_over() {
+  return items_taken_over().load();
 }
 
 int64_t cpu_weight_cache_size() {

@@ -26,6 +26,7 @@
 
 #include "avx2_gemm.h"
 #include "bf16_gemm.h"
+#include "parallel_items.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -129,7 +130,7 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
   T* yp = static_cast<T*>(out.data_ptr());
   const int64_t panels = g.k / kPanel;
   std::atomic<bool> nonfinite{false};
-  at::parallel_for(0, blocks * k_groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(blocks * k_groups, [&](const auto& claim) {
     // Per-thread scratch kept across calls: a fresh multi-megabyte buffer per call costs page faults.
     thread_local std::vector<float> scratch;
     const size_t need = kFreq * block * (g.c + kc) + g.c;
@@ -145,7 +146,7 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
     thread_local std::vector<const T*> row_ptrs;
     row_ptrs.resize(block);
     int64_t cached_block = -1;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = 0; claim(item);) {
       const int64_t blk = item / k_groups, kg = item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (blk != cached_block) {
