@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <vector>
 
 namespace resnet_fused {
 namespace {
