@@ -18,7 +18,7 @@ from torch import nn
 
 import resnet_fused
 from resnet_fused import export, ops, reference
-from resnet_fused.modules import FusedConvBNAct, GlobalAvgPool2d, Linear, MaxPool2d
+from resnet_fused.modules import FusedConvBNAct, FusedStage, GlobalAvgPool2d, Linear, MaxPool2d
 from utils import REL_TOL, assert_close, reference_conv_bias_act, rel_error
 
 BACKENDS = ["torch", "extension", "onednn", "triton"]
@@ -133,6 +133,22 @@ def test_compiled_model_keeps_the_eager_fast_path():
         first = fused(x)
         assert conv._plan is not None
         assert torch.equal(fused(x), first)
+
+
+def test_compiled_model_keeps_the_stage_calls():
+    """The same for FusedStage's plan (one residual_blocks call per stage): tracing neither uses nor
+    makes one, with or without a plan made by eager calls before."""
+    model, fused, x = _case("extension")
+    stages = [m for m in fused.modules() if isinstance(m, FusedStage)]
+    assert stages
+    with torch.inference_mode():
+        traced_first = torch.compile(fused, fullgraph=True, backend="eager")(x)
+        assert all(stage._plan is None for stage in stages)
+        first, second = fused(x), fused(x)
+        assert all(stage._plan is not None for stage in stages)
+        torch.compiler.reset()
+        traced_after = torch.compile(fused, fullgraph=True, backend="eager")(x)
+    assert torch.equal(first, second) and torch.equal(traced_first, first) and torch.equal(traced_after, first)
 
 
 def _fused_convs(module: nn.Module) -> int:
