@@ -149,9 +149,7 @@ class FusedStage(nn.Sequential):
 
 
 def _any_global_hook() -> bool:
-    has = getattr(_nn_module, "_has_any_global_hook", None)  # torch >= 2.2; the dicts it reads otherwise
-    if has is not None:
-        return bool(has())
+    # The global hook dicts nn.Module's call reads to decide whether any hook runs.
     return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
                 or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks)
 

@@ -431,20 +431,17 @@ def residual_blocks(
         flat_padding = [v for padding in paddings for v in _shapes.pair(padding, "padding")]
         return kernel(x, list(weights), list(biases), flat_stride, flat_padding, list(groups), list(chain_lengths),
                       [bool(p) for p in projections])
-    i = 0
+    next_conv = iter(convs)
+
+    def conv(inp, residual, relu):
+        weight, bias, stride, padding, group = next(next_conv)
+        return conv_bias_act(inp.contiguous(memory_format=torch.channels_last), weight, bias, stride=stride,
+                             padding=padding, groups=group, residual=residual, relu=relu, backend=backend)
+
     for length, projection in zip(chain_lengths, projections):
-        shortcut = x
-        if projection:
-            weight, bias, stride, padding, group = convs[i]
-            shortcut = conv_bias_act(x.contiguous(memory_format=torch.channels_last), weight, bias, stride=stride,
-                                     padding=padding, groups=group, relu=False, backend=backend)
-            i += 1
+        shortcut = conv(x, None, False) if projection else x
         for j in range(length):
-            weight, bias, stride, padding, group = convs[i]
-            x = conv_bias_act(x.contiguous(memory_format=torch.channels_last), weight, bias, stride=stride,
-                              padding=padding, groups=group, residual=shortcut if j == length - 1 else None,
-                              relu=True, backend=backend)
-            i += 1
+            x = conv(x, shortcut if j == length - 1 else None, True)
     return x
 
 
