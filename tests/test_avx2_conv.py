@@ -6,7 +6,8 @@ RESNET_FUSED_AVX2_CONV=1 forces them wherever they apply (fp32, or bf16/fp16 com
 groups 1, output channels a multiple of 16, AVX2+FMA; Winograd for 3x3 stride 1 padding 1, the
 implicit GEMM for every other kernel size, stride and padding), =0 turns them off, unset times all
 candidates on a shape's first call. RESNET_FUSED_WINOGRAD_TILE=2 or 4 picks the Winograd variant,
-RESNET_FUSED_GEMM_CORE=own or brgemm the GEMM under both (our AVX2 micro-kernel or oneDNN's brgemm
+RESNET_FUSED_GEMM_CORE=own or brgemm the GEMM under both (our micro-kernel: AVX-512 where the CPU
+has it, AVX2 under RESNET_FUSED_CPU_ISA=avx2, with bit-identical results; or oneDNN's brgemm
 through ATen; the implicit GEMM then applies its epilogue after each brgemm call),
 RESNET_FUSED_THREAD_SPLIT=pixels or channels how the implicit GEMM shares its work between threads.
 """
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
+from resnet_fused import bench
 from resnet_fused.accuracy import judge
 from resnet_fused.backends import extension
 from resnet_fused.reference import random_model
@@ -105,9 +107,16 @@ def tile(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["own", "brgemm"])
+# Our widest micro-kernel (AVX-512 where the CPU has it), oneDNN's brgemm, and, on AVX-512 CPUs, our
+# AVX2 one too (RESNET_FUSED_CPU_ISA=avx2), which is what AVX2-only CPUs run.
+HAS_AVX512 = "avx512f" in bench.cpu_flags()
+CORES = ["own", "brgemm"] + (["own_avx2"] if HAS_AVX512 else [])
+
+
+@pytest.fixture(params=CORES)
 def core(request, monkeypatch):
-    monkeypatch.setenv(GEMM_CORE_ENV, request.param)
+    monkeypatch.setenv(GEMM_CORE_ENV, request.param.removesuffix("_avx2"))
+    monkeypatch.setenv(CPU_ISA_ENV, "avx2" if request.param.endswith("_avx2") else "auto")
     return request.param
 
 
@@ -167,6 +176,39 @@ def test_implicit_gemm_matches_float64(shape, flags, layout, split, core, forced
     expected_format = torch.contiguous_format if layout == "nchw" else torch.channels_last
     assert out.is_contiguous(memory_format=expected_format)
     assert_close(out, reference(x, weight, bias, residual, relu, stride, padding))
+
+
+# (shape, kernel, stride, padding) for Winograd (3x3 stride 1) and the implicit GEMM: row counts that
+# leave partial micro-tiles of both cores (6 and 12 rows), odd panel counts, reductions past the
+# AVX2 core's 256-channel chunk, the stem's merged filter rows.
+CORE_CASES = [((2, 16, 32, 5, 7), 3, 1, 1), ((1, 600, 48, 3, 4), 3, 1, 1), ((1, 64, 2048, 3, 3), 1, 1, 0),
+              ((2, 300, 80, 5, 7), 1, 1, 0), ((1, 600, 32, 3, 4), 1, 1, 0), ((2, 16, 32, 9, 8), 3, 2, 1),
+              ((1, 3, 16, 17, 15), 7, 2, 3)]
+
+
+@pytest.mark.skipif(not HAS_AVX512, reason="the AVX-512 GEMM core needs a CPU with AVX512F")
+@pytest.mark.parametrize("tile", TILES, ids=[f"F{t}x{t}" for t in TILES])
+@pytest.mark.parametrize("case", CORE_CASES, ids=[f"c{s[1]}k{s[2]}_{s[3]}x{s[4]}_{r}x{r}s{st}" for s, r, st, _ in CORE_CASES])
+def test_avx512_core_matches_avx2_core_bit_for_bit(case, tile, forced, monkeypatch):
+    """Our AVX-512 micro-kernel sums in the AVX2 one's order (avx512_gemm.h): every output, NaN and
+    Inf included, is the same bit pattern whichever runs (RESNET_FUSED_CPU_ISA picks)."""
+    shape, kernel, stride, padding = case
+    monkeypatch.setenv(GEMM_CORE_ENV, "own")
+    monkeypatch.setenv(WINOGRAD_TILE_ENV, str(tile))
+    x, weight, bias, residual, relu = make_case(shape, (True, True, True), "channels_last", kernel=kernel,
+                                                stride=stride, padding=padding)
+    x[0, 0, 1, 1] = float("nan")
+    x[-1, -1, 2, 0] = float("inf")
+    outs = {}
+    for isa in ("auto", "avx2"):
+        monkeypatch.setenv(CPU_ISA_ENV, isa)
+        outs[isa] = conv(x, weight, bias, residual, relu, stride, padding)
+    assert torch.equal(outs["auto"].view(torch.int32), outs["avx2"].view(torch.int32))
+    out, expected = outs["auto"], reference(x, weight, bias, residual, relu, stride, padding)
+    assert torch.isnan(out).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.equal(torch.isinf(out), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    assert_close(out[finite], expected[finite])
 
 
 # bf16 and fp16 calls run the same fp32 kernels: their activations converted to fp32 on the way in,

@@ -1,4 +1,4 @@
-"""Our kernels on the bf16 GEMM core (csrc/cpu/bf16_gemm.h), on CPUs with AVX512-BF16: the
+"""Our kernels on the bf16 GEMM core (csrc/cpu/avx512_gemm.h), on CPUs with AVX512-BF16: the
 implicit GEMM on bf16 operands (fp32 sums, the epilogue in fp32, one rounding to bf16) and Winograd
 F(2x2, 3x3) with its transformed points rounded to bf16. RESNET_FUSED_AVX2_CONV=1 picks them first
 for bf16 calls on such a CPU (Winograd for 3x3 stride 1 unless RESNET_FUSED_WINOGRAD_TILE=off);

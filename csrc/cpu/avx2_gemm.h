@@ -1,6 +1,7 @@
 #pragma once
 // The register-blocked AVX2/FMA GEMM micro-kernel shared by the CPU convolutions of our own
-// (Winograd's 16 GEMMs, the direct convolution): out[R x 16] = sum over taps t of
+// (Winograd's GEMMs, the implicit GEMM) on CPUs without AVX-512 (avx512_gemm.h's fp32 core, which
+// sums in this one's order, runs where there is): out[R x 16] = sum over taps t of
 // rows_t[R x C] * panel_t[C x 16], where the weight is packed in panels of 16 output channels,
 // (K / 16, taps, C, 16), so each step of the C loop loads two vectors of the panel and broadcasts one
 // element of each row. A tap is one (r, s) position of the filter (a 1x1 conv or a GEMM has one);
@@ -25,11 +26,14 @@
 // (winograd_tiles.h), where an attribute on each function would pin every copy to one ISA.
 #if defined(__clang__)
 #define RF_TARGET_REGION_BEGIN_AVX2 _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define RF_TARGET_REGION_BEGIN_AVX512 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,avx512f\"))), apply_to = function)")
 #define RF_TARGET_REGION_BEGIN_AVX512_BF16 \
   _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16\"))), apply_to = function)")
 #define RF_TARGET_REGION_END _Pragma("clang attribute pop")
 #else
 #define RF_TARGET_REGION_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define RF_TARGET_REGION_BEGIN_AVX512 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,avx512f\")")
 #define RF_TARGET_REGION_BEGIN_AVX512_BF16 \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16\")")
 #define RF_TARGET_REGION_END _Pragma("GCC pop_options")

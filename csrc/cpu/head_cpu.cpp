@@ -2,7 +2,7 @@
 
 #include "head.h"
 
-#include "bf16_gemm.h"
+#include "avx512_gemm.h"
 #include "lanes.h"
 
 #include <ATen/Parallel.h>

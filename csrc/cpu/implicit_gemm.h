@@ -1,7 +1,9 @@
 #pragma once
 // KxK convolution as an implicit GEMM over output pixels, with bias, residual and ReLU applied in
 // the micro-kernel's store (csrc/cpu/implicit_gemm_cpu.cpp): any kernel size, stride and padding,
-// groups 1, fp32, channels_last, output channels a multiple of 16, x86-64 with AVX2 and FMA.
+// groups 1, fp32 or bf16, channels_last, output channels a multiple of 16, x86-64 with AVX2 and FMA.
+
+#include "gemm_core.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -15,16 +17,16 @@ at::Tensor pack_weight(const at::Tensor& weight);
 
 // out = relu?(conv2d(x, weight, stride, padding) + bias (+ residual)), all dense channels_last fp32
 // with `packed` from pack_weight, or all bf16 with `packed` from pack_weight_bf16 (the GEMMs on
-// the bf16 core, fp32 sums rounded once to bf16 in the store; no brgemm); `kernel_size` is the weight's (R, S); `block` output pixels per work item. The threads share
+// the bf16 core, fp32 sums rounded once to bf16 in the store; `core` then ignored, never brgemm);
+// `kernel_size` is the weight's (R, S); `block` output pixels per work item. The threads share
 // the output pixels, or with `split_channels` the output channels (each thread then reads its
-// share of the weight once and all of the input; possible when the panels divide evenly). With
-// `brgemm` the GEMMs run on oneDNN's brgemm (JIT for the CPU's widest ISA) instead of our AVX2
-// micro-kernel, and the epilogue follows each call on the 16-column tile it wrote.
+// share of the weight once and all of the input; possible when the panels divide evenly). fp32's
+// GEMMs run on `core`; on brgemm the epilogue follows each call on the 16-column tile it wrote.
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block, bool split_channels, bool brgemm);
+          const at::Tensor& out, int64_t block, bool split_channels, Fp32Core core);
 
-// The (K, C, R, S) weight packed for conv() on bf16 (CPUs with AVX512-BF16, bf16_gemm.h): bf16
+// The (K, C, R, S) weight packed for conv() on bf16 (CPUs with AVX512-BF16, avx512_gemm.h): bf16
 // (K / 16, taps, ceil(reduction / 2), 16, 2), where a tap is one filter position of `reduction` = C
 // channels, or for inputs of few channels (the stem) one filter row of S * C
 // (implicit_gemm_cpu.cpp); an odd reduction is padded with a zero.

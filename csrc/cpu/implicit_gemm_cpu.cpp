@@ -13,7 +13,7 @@
 #include "implicit_gemm.h"
 
 #include "avx2_gemm.h"
-#include "bf16_gemm.h"
+#include "avx512_gemm.h"
 #include "parallel_items.h"
 
 #include <ATen/Parallel.h>
@@ -134,7 +134,7 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
 }
 
 #if RF_HAVE_X86
-// conv() on bf16: the GEMMs on the bf16 core (bf16_gemm.h), the epilogue in its store.
+// conv() on bf16: the GEMMs on the bf16 core (avx512_gemm.h), the epilogue in its store.
 void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
                const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
                const at::Tensor& out, int64_t block, bool split_channels) {
@@ -162,10 +162,10 @@ void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ke
 
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
           const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
-          const at::Tensor& out, int64_t block, bool split_channels, bool brgemm) {
+          const at::Tensor& out, int64_t block, bool split_channels, Fp32Core core) {
 #if RF_HAVE_X86
   if (x.scalar_type() == at::kBFloat16) {
-    TORCH_INTERNAL_ASSERT(!brgemm && packed.scalar_type() == at::kBFloat16);
+    TORCH_INTERNAL_ASSERT(core != Fp32Core::kBrgemm && packed.scalar_type() == at::kBFloat16);
     conv_bf16(x, packed, kernel_size, bias, residual, relu, stride, padding, out, block, split_channels);
     return;
   }
@@ -178,11 +178,18 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
   // A 1x1, stride-1, unpadded conv's rows are the input's pixels as they lie: brgemm reads them in place.
   const bool rows_in_place = kernel_size[0] * kernel_size[1] == 1 && stride[0] == 1 && stride[1] == 1 &&
                              padding[0] == 0 && padding[1] == 0;
-  const auto own_gemm = [&](const Work<float>& item) {
+  const auto avx2_gemm = [&](const Work<float>& item) {
     const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
     avx2::gemm_panels(item.count, item.c, item.taps, item.rows, wp + item.first_panel * item.taps * item.c * kPanel,
                       item.panels, op + offset, k,
                       avx2::Epilogue{bp + item.first_panel * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
+  };
+  const auto avx512_gemm = [&](const Work<float>& item) {
+    const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
+    avx512_fp32::gemm_panels(
+        item.count, item.c, item.taps, item.rows, wp + item.first_panel * item.taps * item.c * kPanel, item.panels,
+        op + offset, k,
+        avx512_fp32::Epilogue{bp + item.first_panel * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
   };
   const auto brgemm_gemm = [&](const Work<float>& item) {
     thread_local std::vector<float> gathered;
@@ -206,12 +213,18 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
                         avx2::Epilogue{bp + pp * kPanel, rp == nullptr ? nullptr : rp + offset, k, relu});
     }
   };
-  if (brgemm) {
-    // brgemm_release frees AMX tile state where oneDNN used it.
-    for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, !rows_in_place, brgemm_gemm,
-                              [] { at::native::cpublas::brgemm_release(false); });
-  } else {
-    for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, true, own_gemm, [] {});
+  switch (core) {
+    case Fp32Core::kBrgemm:
+      // brgemm_release frees AMX tile state where oneDNN used it.
+      for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, !rows_in_place,
+                                brgemm_gemm, [] { at::native::cpublas::brgemm_release(false); });
+      break;
+    case Fp32Core::kAvx512:
+      TORCH_INTERNAL_ASSERT(avx512_fp32::cpu_has_avx512());
+      for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, true, avx512_gemm, [] {});
+      break;
+    default:
+      for_each_work_item<float>(x, kernel_size, stride, padding, out, block, split_channels, true, avx2_gemm, [] {});
   }
 #else
   TORCH_CHECK(false, "resnet_fused: the AVX2 implicit-GEMM convolution needs an x86-64 CPU");

@@ -10,6 +10,7 @@
 
 #include "../common.h"
 #include "avx2_gemm.h"
+#include "avx512_gemm.h"
 #include "head.h"
 #include "implicit_gemm.h"
 #include "max_pool.h"
@@ -371,7 +372,7 @@ constexpr const char* kGemmCoreEnv = "RESNET_FUSED_GEMM_CORE";
 constexpr const char* kThreadSplitEnv = "RESNET_FUSED_THREAD_SPLIT";
 constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 
-// kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (bf16_gemm.h);
+// kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (avx512_gemm.h);
 // kWinograd2Bf16: F(2x2, 3x3) with its transformed points rounded to bf16 for the same GEMM core
 // (transforms in fp32); the others compute in fp32.
 // The values are saved in tuning files (resnet_fused/tuning.py): append, never renumber (or bump its VERSION).
@@ -446,23 +447,13 @@ bool on_bf16_core(Kernel kernel) {
   return kernel == Kernel::kImplicitGemmBf16 || kernel == Kernel::kWinograd2Bf16;
 }
 
-// Whether oneDNN can generate wider brgemm code than our AVX2 micro-kernel on this CPU.
-bool cpu_has_avx512() {
-#if RF_HAVE_X86
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 // Whether a shape's first call times brgemm against our micro-kernel for `kernel` (when the core is
 // not forced). Winograd: everywhere (its 7x7 layers took brgemm on the AVX2 EPYC). The implicit
 // GEMM: only where brgemm is AVX-512 code. WHY: on the AVX2 EPYC, where both are AVX2, timing it
 // was neutral (resnet50 b1 1.00x, resnet18 b1 0.97x, b8 1.02x, whole-model medians of 60 and 12
 // alternating forwards) and made resnet50's first forward 38% (b1) and 23% (b8) longer.
 bool times_gemm_core(Kernel kernel) {
-  return (is_winograd(kernel) && !on_bf16_core(kernel)) || (kernel == Kernel::kImplicitGemm && cpu_has_avx512());
+  return (is_winograd(kernel) && !on_bf16_core(kernel)) || (kernel == Kernel::kImplicitGemm && avx512_fp32::cpu_has_avx512());
 }
 
 // Whether `kernel` runs its GEMMs on brgemm under the GEMM core setting (the bf16 kernels have their own only).
@@ -526,6 +517,15 @@ struct Choice {
   bool brgemm = false;          // the GEMMs on oneDNN's brgemm
   bool split_channels = false;  // implicit GEMM: the threads share output channels, not pixels
 };
+
+// The GEMM core of `choice`'s fp32 GEMMs: brgemm where chosen, else our widest micro-kernel the
+// CPU and RESNET_FUSED_CPU_ISA allow (the two compute bit-identical results).
+Fp32Core fp32_core(const Choice& choice) {
+  if (choice.brgemm) {
+    return Fp32Core::kBrgemm;
+  }
+  return avx512_fp32::cpu_has_avx512() && !own_isa_capped_at_avx2() ? Fp32Core::kAvx512 : Fp32Core::kAvx2;
+}
 
 // A conv call's key in the per-shape choices, and the choice's fields after it: the columns of
 // cpu_conv_choice_table()'s rows, named by cpu_conv_choice_fields() (a saved tuning file names
@@ -699,10 +699,11 @@ at::Tensor conv_own(
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
+  const Fp32Core core = fp32_core(choice);
   if (is_implicit_gemm(choice.kernel)) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
-                        choice.block, choice.split_channels, choice.brgemm);
-  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, choice.brgemm)) {
+                        choice.block, choice.split_channels, core);
+  } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, core)) {
     // An Inf or NaN reached the outputs, where Winograd's NaNs are not the convolution's (winograd.h):
     // the call is redone by the implicit GEMM (on the same core), whose sums give eager's. Only
     // corrupted inputs pay.

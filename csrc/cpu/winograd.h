@@ -3,6 +3,8 @@
 // stride 1, padding 1, groups 1, fp32, channels_last, output channels a multiple of 16, x86-64
 // with AVX2 and FMA (avx2_gemm.h).
 
+#include "gemm_core.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -15,7 +17,7 @@ namespace winograd {
 at::Tensor transform_weight(const at::Tensor& weight, int64_t tile);
 
 // The same F(2x2, 3x3) transform rounded to bf16 and packed in channel pairs for the bf16 GEMM core
-// (bf16_gemm.h; CPUs with AVX512-BF16): bf16 (16, K / 16, ceil(C / 2), 16, 2). conv() given it
+// (avx512_gemm.h; CPUs with AVX512-BF16): bf16 (16, K / 16, ceil(C / 2), 16, 2). conv() given it
 // rounds the transformed inputs to bf16 too and sums their products in fp32: 2x the multiply-add
 // rate of fp32, for bf16 models only (error per layer ~2x a direct bf16 conv's; simulated over C =
 // 256: 4.8e-3 of the largest output against 2.9e-3). x, bias, residual and out are then bf16
@@ -37,12 +39,9 @@ at::Tensor transform_weight_bf16(const at::Tensor& weight);
 // coefficient through the transformed points, and an Inf or NaN term never sums to a finite value.
 // So a call with all outputs finite is the convolution's answer, and any other is flagged.
 //
-// `brgemm`: the (M+2)^2 GEMMs run on oneDNN's JIT brgemm micro-kernel as shipped inside ATen
-// (at::native::cpublas::brgemm) instead of our AVX2 one: oneDNN generates it for the ISA the CPU
-// has (AVX2, AVX-512, ...), so on an AVX-512 server this path uses 512-bit FMAs without our
-// writing AVX-512 code we could not test here. Same operands, another summation order.
+// fp32's (M+2)^2 GEMMs run on `core` (gemm_core.h); bf16's on the bf16 core (`core` ignored, never brgemm).
 bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-          bool relu, const at::Tensor& out, int64_t block, bool brgemm);
+          bool relu, const at::Tensor& out, int64_t block, Fp32Core core);
 
 }  // namespace winograd
 }  // namespace resnet_fused

@@ -25,7 +25,7 @@
 #include "winograd.h"
 
 #include "avx2_gemm.h"
-#include "bf16_gemm.h"
+#include "avx512_gemm.h"
 #include "parallel_items.h"
 
 #include <ATen/Parallel.h>
@@ -91,12 +91,11 @@ namespace lanes16 {
 }  // namespace lanes16
 RF_TARGET_REGION_END
 
-// T: the activations' element type: float (the GEMMs on our AVX2 micro-kernel or brgemm, all in
-// fp32), or bf16 as uint16_t (the GEMMs on the bf16 core, the transformed inputs rounded to bf16).
+// T: the activations' element type: float (the GEMMs on `core`, all in fp32), or bf16 as uint16_t (the GEMMs on the bf16 core, the transformed inputs rounded to bf16).
 template <int M, typename T>
 bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                 const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block,
-                bool brgemm) {
+                Fp32Core core) {
   constexpr int64_t kFreq = Tile<M>::kT * Tile<M>::kT;  // transformed points, one GEMM each
   const Geometry g(M, x, out.size(1));
   TORCH_INTERNAL_ASSERT(block >= 1);
@@ -119,7 +118,7 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
   }
   const int64_t kc = g.k / k_groups;
   constexpr bool bf16 = std::is_same_v<T, uint16_t>;
-  TORCH_INTERNAL_ASSERT((u.scalar_type() == at::kBFloat16) == bf16 && !(bf16 && brgemm));
+  TORCH_INTERNAL_ASSERT((u.scalar_type() == at::kBFloat16) == bf16 && !(bf16 && core == Fp32Core::kBrgemm));
   TORCH_INTERNAL_ASSERT(!bf16 || avx512_bf16::cpu_has_avx512_bf16(), "the lanes16 transforms need AVX512-BF16");
   // Elements of one transformed point's 16-channel panel: C fp32, or C rounded up to pairs of bf16.
   const int64_t panel_len = bf16 ? (g.c + 1) / 2 * 2 * kPanel : g.c * kPanel;
@@ -159,19 +158,21 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
       }
       for (int64_t f = 0; f < kFreq; ++f) {
         const T* a = v + f * count * g.c;  // this point's rows, one per tile, g.c elements apart
-        for (int64_t r = 0; r < count && !brgemm; ++r) {
+        for (int64_t r = 0; r < count && core != Fp32Core::kBrgemm; ++r) {
           row_ptrs[r] = a + r * g.c;
         }
         const T* group = up + (f * panels + kg * (kc / kPanel)) * panel_len;
         float* c = m + f * count * kc;
         if constexpr (bf16) {
-          avx512_bf16::gemm_panels(count, g.c, 1, row_ptrs.data(), group, kc / kPanel, c, kc, avx512_bf16::Epilogue{});
-        } else if (brgemm) {
+          avx512_bf16::gemm_panels_raw(count, g.c, 1, row_ptrs.data(), group, kc / kPanel, c, kc);
+        } else if (core == Fp32Core::kBrgemm) {
           for (int64_t p = 0; p < kc / kPanel; ++p) {
             // The panel (C x 16, row-major) is brgemm's B as it is.
             at::native::cpublas::brgemm(count, kPanel, g.c, g.c, kPanel, kc, false, a, group + p * g.c * kPanel,
                                         c + p * kPanel, false);
           }
+        } else if (core == Fp32Core::kAvx512) {
+          avx512_fp32::gemm_panels_raw(count, g.c, 1, row_ptrs.data(), group, kc / kPanel, c, kc);
         } else {
           avx2::gemm_panels(count, g.c, 1, row_ptrs.data(), group, kc / kPanel, c, kc, avx2::Epilogue{});
         }
@@ -182,7 +183,7 @@ bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias
         nonfinite.store(true, std::memory_order_relaxed);
       }
     }
-    if (brgemm) {
+    if (core == Fp32Core::kBrgemm) {
       at::native::cpublas::brgemm_release(false);  // frees AMX tile state where oneDNN used it
     }
   });
@@ -235,21 +236,21 @@ at::Tensor transform_weight_bf16(const at::Tensor& weight) {
   if (u.size(2) % 2 != 0) {
     u = at::constant_pad_nd(u, {0, 0, 0, 1});  // an odd C's lone last channel pairs with a zero
   }
-  // (16, K / 16, C / 2, 2, 16) -> (16, K / 16, C / 2, 16, 2): the channel pairs of bf16_gemm.h.
+  // (16, K / 16, C / 2, 2, 16) -> (16, K / 16, C / 2, 16, 2): the channel pairs of avx512_gemm.h.
   return u.reshape({u.size(0), u.size(1), u.size(2) / 2, 2, kPanel}).permute({0, 1, 2, 4, 3}).to(at::kBFloat16).contiguous();
 }
 
 bool conv(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-          bool relu, const at::Tensor& out, int64_t block, bool brgemm) {
+          bool relu, const at::Tensor& out, int64_t block, Fp32Core core) {
 #if RF_HAVE_X86
   // The transformed weight says which tile it was made for: (T*T, K / 16, C, 16).
   // bf16 activations go with the bf16 transformed weight (conv_tiles checks the pair).
   switch (u.size(0)) {
     case 16:
-      return x.scalar_type() == at::kBFloat16 ? conv_tiles<2, uint16_t>(x, u, bias, residual, relu, out, block, brgemm)
-                              : conv_tiles<2, float>(x, u, bias, residual, relu, out, block, brgemm);
+      return x.scalar_type() == at::kBFloat16 ? conv_tiles<2, uint16_t>(x, u, bias, residual, relu, out, block, core)
+                              : conv_tiles<2, float>(x, u, bias, residual, relu, out, block, core);
     case 36:
-      return conv_tiles<4, float>(x, u, bias, residual, relu, out, block, brgemm);
+      return conv_tiles<4, float>(x, u, bias, residual, relu, out, block, core);
     default:
       TORCH_INTERNAL_ASSERT(false, "not a Winograd-transformed weight");
   }

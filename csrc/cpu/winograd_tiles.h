@@ -51,7 +51,7 @@ struct Vec8Ops {
 
 #if RF_WINOGRAD_LANES16
 // (The all-ones-masked max compiles to the unmasked instruction, without GCC 12's
-// -Wmaybe-uninitialized on the unmasked intrinsic's undefined pass-through operand; bf16_gemm.h.)
+// -Wmaybe-uninitialized on the unmasked intrinsic's undefined pass-through operand; avx512_gemm.h.)
 struct Vec16Ops {
   static constexpr int kLanes = 16;
   __m512 zero() const { return _mm512_setzero_ps(); }

@@ -23,12 +23,12 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   with 1.
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
-- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own AVX2 kernels, computing in fp32: Winograd F(2x2, 3x3) and
+- ``RESNET_FUSED_AVX2_CONV`` (CPU): our own kernels (AVX2 and AVX-512), computing in fp32: Winograd F(2x2, 3x3) and
   F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM
   with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``);
   bf16 and fp16 calls converted to fp32 on the way in and rounded once on the way out (on a CPU
   without native bf16 convolutions, ATen's fallback is ~10x slower). On a CPU with AVX512-BF16 a
-  bf16 call also has our bf16 GEMM core (``csrc/cpu/bf16_gemm.h``: VDPBF16PS, bf16 operands, fp32
+  bf16 call also has our bf16 GEMM core (``csrc/cpu/avx512_gemm.h``: VDPBF16PS, bf16 operands, fp32
   sums): the implicit GEMM for every kernel size (the epilogue in fp32, one rounding to bf16 in the
   store), and Winograd F(2x2, 3x3) with its transformed points rounded to bf16 (about 2x a direct
   bf16 conv's error per layer); ``1`` picks them first (F(2x2) for 3x3 stride 1).
@@ -43,7 +43,8 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   multiply-adds than F(2x2) on large maps, with about 20x a direct convolution's fp32 rounding error
   (still ~1e-6 of the logits on a whole ResNet).
 - ``RESNET_FUSED_GEMM_CORE`` (CPU): the GEMMs under Winograd and the implicit GEMM on ``own`` (our
-  AVX2 micro-kernel) or ``brgemm`` (oneDNN's JIT micro-kernel inside ATen,
+  micro-kernel: AVX-512 on CPUs with AVX512F, else AVX2; ``RESNET_FUSED_CPU_ISA=avx2`` keeps the
+  AVX2 one; the two give bit-identical results) or ``brgemm`` (oneDNN's JIT micro-kernel inside ATen,
   ``at::native::cpublas::brgemm``, generated for the ISA the CPU has: AVX-512 on an AVX-512 server;
   the implicit GEMM then adds bias and residual and applies the ReLU right after each brgemm call,
   on the tile it just wrote); unset or ``auto``: timed for each shape's chosen kernel and block, for

@@ -1,0 +1,285 @@
+// The AVX-512 GEMM micro-kernel over one operand type (see avx512_gemm.h, which includes this file,
+// without an include guard, once per type: inside a namespace that defines `Ops`, and a target
+// region). Ops gives the element type, the input channels per reduction step (kStep), and the
+// step's loads and multiply-add, the sums' start and the epilogue's pieces.
+
+using Element = Ops::Element;
+using avx2::kPanel;
+constexpr int kRows = 12;  // rows per micro-kernel call
+
+// bias: this panel's 16 (the first panel of the call's); residual: row 0 of the first panel, rows
+// `ld_residual` elements apart; both of the activations' type.
+struct Epilogue {
+  const Element* bias = nullptr;
+  const Element* residual = nullptr;
+  int64_t ld_residual = 0;
+  bool relu = false;
+};
+
+// What the next micro-kernel call of a gemm_panels() touches first (epilogue output only): its first
+// output row and residual row (rows ld_out and Epilogue::ld_residual apart) and how many rows it
+// has; where it is the first to read its input rows, their pointers, count and 64-byte lines each.
+struct NextCall {
+  const Element* out = nullptr;
+  const Element* residual = nullptr;
+  int rows = 0;
+  const Element* const* in = nullptr;
+  int in_rows = 0;
+  int lines_per_row = 0;
+  // This call's share of the next panel pair's weights, fetched into L2: `weight_lines` 64-byte
+  // lines from `weights`, `weight_lines_per_step` per reduction step.
+  const Element* weights = nullptr;
+  int64_t weight_lines = 0;
+  int weight_lines_per_step = 0;
+};
+
+// 64-byte line `line` from p, into L1 (kToL1) or L2.
+template <bool kToL1>
+inline void prefetch_line(const Element* p, int64_t line) {
+  const char* at = reinterpret_cast<const char*>(p) + line * 64;
+  if constexpr (kToL1) {
+    _mm_prefetch(at, _MM_HINT_T0);
+  } else {
+    _mm_prefetch(at, _MM_HINT_T1);
+  }
+}
+
+// Reduction step i of every row times its packed weights `w` (panels `panel_stride` apart), into
+// the sums; `kFirstOnly`: the step's first channel only (the lone last channel of a C that is not
+// a multiple of kStep), the others read as zero.
+template <int R, int P, bool kFirstOnly>
+__attribute__((always_inline)) inline void add_step(__m512 (&acc)[R][P], const Element* const (&v)[R],
+                                                    const Element* w, int64_t panel_stride, int64_t i) {
+  typename Ops::Weights wp[P];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p) {
+    wp[p] = Ops::load_weights(w + p * panel_stride);
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+    typename Ops::Broadcast b;
+    if constexpr (kFirstOnly) {
+      b = Ops::broadcast_first(v[r] + Ops::kStep * i);
+    } else {
+      b = Ops::broadcast(v[r] + Ops::kStep * i);
+    }
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      acc[r][p] = Ops::multiply_add(acc[r][p], b, wp[p]);
+    }
+  }
+}
+
+// The epilogue and the store of R rows x P panels of sums started by Ops::start: + bias, +
+// residual, ReLU, in the activations' type.
+template <int R, int P>
+__attribute__((always_inline)) inline void store_epilogue(__m512 (&acc)[R][P], Element* out, int64_t ld_out,
+                                                          const Epilogue& e) {
+  // One pass per step over all the sums (not row by row): the residual's loads all issue first.
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      acc[r][p] = Ops::add_bias(acc[r][p], e.bias + p * kPanel);
+    }
+  }
+  if (e.residual != nullptr) {
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
+        acc[r][p] = Ops::add_residual(acc[r][p], e.residual + r * e.ld_residual + p * kPanel);
+      }
+    }
+  }
+  if (e.relu) {
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
+        // max(0, s) returns its second operand where one is NaN: a NaN stays NaN, like torch.relu.
+        // (The all-ones-masked max compiles to the unmasked instruction, without GCC 12's
+        // -Wmaybe-uninitialized on the unmasked intrinsic's undefined pass-through operand.)
+        acc[r][p] = _mm512_maskz_max_ps(0xFFFF, zero, acc[r][p]);
+      }
+    }
+  }
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+    Ops::template store<P>(acc[r], out + r * ld_out);
+  }
+}
+
+// R rows x P panels: the sums over `taps` taps of `steps` reduction steps (+ the lone last channel
+// when `odd`: C not a multiple of kStep), then the store: into Element after the epilogue (kRaw false), or the raw fp32 sums
+// (kRaw: Winograd's transformed points; `e` unused). rows[r * row_taps + t] is row r's input
+// under tap t; tap t of panel p is at panel + p * panel_stride + t * tap_stride.
+template <int R, int P, bool kRaw>
+inline void micro_kernel(int64_t steps, bool odd, int64_t taps, int64_t row_taps, const Element* const* rows,
+                         const Element* panel, int64_t tap_stride, int64_t panel_stride,
+                         std::conditional_t<kRaw, float, Element>* out, int64_t ld_out, const Epilogue& e,
+                         const NextCall& next) {
+  static_assert(R >= 1 && R <= kRows && (P == 1 || P == 2), "1 to 12 rows, 1 or 2 panels");
+  __m512 init[P];
+#pragma GCC unroll 2
+  for (int p = 0; p < P; ++p) {
+    init[p] = kRaw ? _mm512_setzero_ps() : Ops::start(e.bias + p * kPanel);
+  }
+  __m512 acc[R][P];
+#pragma GCC unroll 24
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int p = 0; p < P; ++p) {
+      acc[r][p] = init[p];
+    }
+  }
+  // The lines the next call's epilogue reads and writes (`next`), one row per reduction step, and
+  // those of its input rows, one line per step, so that it does not wait on memory. WHY: at batch 8
+  // a 1x1 conv's activations live in DRAM, and each call began with a burst of input misses and
+  // ended with one of residual loads and output stores. On the Zen 4 EPYC (in-process A/B, medians
+  // of 14 alternating rounds, two runs each), bf16 resnet50 batch 8: the epilogue's lines 4.8-5.9%
+  // faster, the input rows another 2.9-4.1%; batch 1 0.6-1.4% and 0-1.8%; resnet18 batch 1 and 8
+  // within +-1.1%. (avx2_gemm.h's core fetches its own epilogue lines at the start of a call
+  // instead; input rows are read from a call's first step, so they must come a call ahead, and the
+  // epilogue's lines come with them. That scheme in the AVX2 core: +0.7-1.8%, not kept.)
+  constexpr int kRowLines = static_cast<int>((2 * kPanel * sizeof(Element) + 63) / 64);  // a row of two panels
+  int next_row = 0, in_row = 0, in_line = 0;
+  int64_t weight_line = 0;
+  for (int64_t t = 0; t < taps; ++t) {
+    const Element* v[R];
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+      v[r] = rows[r * row_taps + t];
+    }
+    const Element* u = panel + t * tap_stride;
+    for (int64_t i = 0; i < steps; ++i) {
+      add_step<R, P, false>(acc, v, u + i * Ops::kStep * kPanel, panel_stride, i);
+      if constexpr (!kRaw) {
+        if (next_row < next.rows) {
+          for (int l = 0; l < kRowLines; ++l) {
+            prefetch_line<true>(next.out + next_row * ld_out, l);
+            if (next.residual != nullptr) {
+              prefetch_line<true>(next.residual + next_row * e.ld_residual, l);
+            }
+          }
+          ++next_row;
+        }
+        if (in_row < next.in_rows) {
+          prefetch_line<true>(next.in[in_row], in_line);
+          if (++in_line == next.lines_per_row) {
+            in_line = 0;
+            ++in_row;
+          }
+        }
+      }
+      for (int l = 0; l < next.weight_lines_per_step && weight_line < next.weight_lines; ++l, ++weight_line) {
+        prefetch_line<false>(next.weights, weight_line);
+      }
+    }
+    if (odd) {
+      add_step<R, P, true>(acc, v, u + steps * Ops::kStep * kPanel, panel_stride, steps);
+    }
+  }
+  if constexpr (kRaw) {
+#pragma GCC unroll 24
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
+        _mm512_storeu_ps(out + r * ld_out + p * kPanel, acc[r][p]);
+      }
+    }
+  } else {
+    store_epilogue<R, P>(acc, out, ld_out, e);
+  }
+}
+
+template <int P, bool kRaw>
+inline void rows_of(int64_t n_rows, int64_t steps, bool odd, int64_t taps, const Element* const* rows,
+                    const Element* panel, int64_t tap_stride, int64_t panel_stride,
+                    std::conditional_t<kRaw, float, Element>* out, int64_t ld_out, const Epilogue& e,
+                    const NextCall& next) {
+  switch (n_rows) {
+#define RF_ROWS_CASE(R)                                                                                           \
+  case R:                                                                                                         \
+    micro_kernel<R, P, kRaw>(steps, odd, taps, taps, rows, panel, tap_stride, panel_stride, out, ld_out, e, next); \
+    break;
+    RF_ROWS_CASE(12) RF_ROWS_CASE(11) RF_ROWS_CASE(10) RF_ROWS_CASE(9) RF_ROWS_CASE(8) RF_ROWS_CASE(7)
+    RF_ROWS_CASE(6) RF_ROWS_CASE(5) RF_ROWS_CASE(4) RF_ROWS_CASE(3) RF_ROWS_CASE(2) RF_ROWS_CASE(1)
+#undef RF_ROWS_CASE
+  }
+}
+
+// All `count` output rows against `panels` consecutive panels (each taps x ceil(c / kStep) steps
+// of kStep x 16 elements, panels `panel_stride` apart; output columns 16 apart), two panels and 12
+// rows at a time; rows holds `taps` pointers per row. `e` is for the first panel and row.
+template <bool kRaw>
+inline void panels_of(int64_t count, int64_t c, int64_t taps, const Element* const* rows, const Element* panel,
+                      int64_t panels, std::conditional_t<kRaw, float, Element>* out, int64_t ld_out,
+                      const Epilogue& e) {
+  constexpr int64_t kStep = Ops::kStep;
+  const int64_t steps = c / kStep, tap_stride = (c + kStep - 1) / kStep * kStep * kPanel;
+  const int64_t panel_stride = taps * tap_stride;
+  const bool odd = c % kStep != 0;
+  const int64_t tiles = (count + kRows - 1) / kRows, call_steps = taps * steps;  // calls per panel pair, steps per call
+  for (int64_t p = 0; p < panels; p += 2) {
+    for (int64_t r = 0; r < count; r += kRows) {
+      Epilogue er = e;
+      if (e.bias != nullptr) {
+        er.bias += p * kPanel;
+      }
+      if (e.residual != nullptr) {
+        er.residual += r * e.ld_residual + p * kPanel;
+      }
+      const int64_t n_rows = std::min<int64_t>(kRows, count - r);
+      const Element* const* rr = rows + r * taps;
+      auto* o = out + r * ld_out + p * kPanel;
+      NextCall next;
+      if constexpr (!kRaw) {
+        // The next call: 12 rows on, else the next two panels from row 0, else none.
+        const int64_t next_r = r + kRows < count ? r + kRows : 0, next_p = r + kRows < count ? p : p + 2;
+        if (next_p < panels) {
+          next.out = out + next_r * ld_out + next_p * kPanel;
+          next.residual = e.residual == nullptr ? nullptr : e.residual + next_r * e.ld_residual + next_p * kPanel;
+          next.rows = static_cast<int>(std::min<int64_t>(kRows, count - next_r));
+        }
+        if (p == 0 && taps == 1 && r + kRows < count) {
+          // A 1x1 conv's next rows too, on the first two panels (where they are first read).
+          next.in = rows + r + kRows;
+          next.in_rows = static_cast<int>(std::min<int64_t>(kRows, count - r - kRows));
+          next.lines_per_row = static_cast<int>((c * static_cast<int64_t>(sizeof(Element)) + 63) / 64);
+        }
+      }
+      if (p + 2 < panels && call_steps > 0) {
+        // The next pair's weights, in equal shares over this pair's calls, a few lines per step:
+        // where few rows share a weight (batch 1, 7x7 maps) it comes from DRAM, which one call's
+        // compute cannot hide. Measured (Zen 4, 2 threads, bf16, with and without in one process):
+        // resnet18 batch 1 1.16x, batch 8 1.01x; resnet50 batch 1 1.05x, batch 8 1.01x.
+        const int64_t lines = std::min<int64_t>(2, panels - p - 2) * panel_stride * sizeof(Element) / 64;
+        const int64_t tile = r / kRows, line0 = lines * tile / tiles, line1 = lines * (tile + 1) / tiles;
+        next.weights = panel + (p + 2) * panel_stride + line0 * 64 / sizeof(Element);
+        next.weight_lines = line1 - line0;
+        next.weight_lines_per_step = static_cast<int>((next.weight_lines + call_steps - 1) / call_steps);
+      }
+      if (p + 1 < panels) {
+        rows_of<2, kRaw>(n_rows, steps, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out,
+                         er, next);
+      } else {
+        rows_of<1, kRaw>(n_rows, steps, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out,
+                         er, next);
+      }
+    }
+  }
+}
+
+// The convolution's GEMM: out (Element) = epilogue(sums), e.bias set.
+inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const Element* const* rows, const Element* panel,
+                        int64_t panels, Element* out, int64_t ld_out, const Epilogue& e) {
+  panels_of<false>(count, c, taps, rows, panel, panels, out, ld_out, e);
+}
+
+// Winograd's GEMMs: the raw fp32 sums.
+inline void gemm_panels_raw(int64_t count, int64_t c, int64_t taps, const Element* const* rows, const Element* panel,
+                            int64_t panels, float* out, int64_t ld_out) {
+  panels_of<true>(count, c, taps, rows, panel, panels, out, ld_out, Epilogue{});
+}
