@@ -33,7 +33,6 @@
 #include "avx2_gemm.h"
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 

@@ -26,8 +26,8 @@ struct NextCall {
   const Element* const* in = nullptr;
   int in_rows = 0;
   int lines_per_row = 0;
-  // This call's share of the next panel pair's weights, fetched into L2: `weight_lines` 64-byte
-  // lines from `weights`, `weight_lines_per_step` per reduction step.
+  // The next panel pair's weights (in a pair's first call), fetched into L2: `weight_lines`
+  // 64-byte lines from `weights`, `weight_lines_per_step` per reduction step.
   const Element* weights = nullptr;
   int64_t weight_lines = 0;
   int weight_lines_per_step = 0;
@@ -221,7 +221,7 @@ inline void panels_of(int64_t count, int64_t c, int64_t taps, const Element* con
   const int64_t steps = c / kStep, tap_stride = (c + kStep - 1) / kStep * kStep * kPanel;
   const int64_t panel_stride = taps * tap_stride;
   const bool odd = c % kStep != 0;
-  const int64_t tiles = (count + kRows - 1) / kRows, call_steps = taps * steps;  // calls per panel pair, steps per call
+  const int64_t call_steps = taps * steps;  // reduction steps per call
   for (int64_t p = 0; p < panels; p += 2) {
     for (int64_t r = 0; r < count; r += kRows) {
       Epilogue er = e;
@@ -250,15 +250,18 @@ inline void panels_of(int64_t count, int64_t c, int64_t taps, const Element* con
           next.lines_per_row = static_cast<int>((c * static_cast<int64_t>(sizeof(Element)) + 63) / 64);
         }
       }
-      if (p + 2 < panels && call_steps > 0) {
-        // The next pair's weights, in equal shares over this pair's calls, a few lines per step:
-        // where few rows share a weight (batch 1, 7x7 maps) it comes from DRAM, which one call's
-        // compute cannot hide. Measured (Zen 4, 2 threads, bf16, with and without in one process):
-        // resnet18 batch 1 1.16x, batch 8 1.01x; resnet50 batch 1 1.05x, batch 8 1.01x.
-        const int64_t lines = std::min<int64_t>(2, panels - p - 2) * panel_stride * sizeof(Element) / 64;
-        const int64_t tile = r / kRows, line0 = lines * tile / tiles, line1 = lines * (tile + 1) / tiles;
-        next.weights = panel + (p + 2) * panel_stride + line0 * 64 / sizeof(Element);
-        next.weight_lines = line1 - line0;
+      if (p + 2 < panels && call_steps > 0 && r == 0) {
+        // The next pair's weights, fetched into L2 during this pair's first call, two lines a
+        // reduction step: where few rows share a weight (batch 1, 14x14 and 7x7 maps) it comes
+        // from DRAM, which one call's compute cannot hide.
+        // Measured (Zen 4, 2 threads, bf16, with and without in one process): resnet18 batch 1
+        // 1.16x, batch 8 1.01x; resnet50 batch 1 1.05x, batch 8 1.01x (the lines then spread over
+        // all of the pair's calls). WHY the first call only: spread over a pair's calls the fetch
+        // ran at the pace of its compute, about 3.5 GB/s a core, and a 2048-channel 1x1 conv at
+        // 7x7 (5 calls a pair) still waited on DRAM; in the first call: resnet50 bf16 batch 1
+        // 1.014-1.035x, batch 8 1.039x, resnet18 batch 1 0.999x, fp32 resnet50 batch 1 1.002x.
+        next.weights = panel + (p + 2) * panel_stride;
+        next.weight_lines = std::min<int64_t>(2, panels - p - 2) * panel_stride * sizeof(Element) / 64;
         next.weight_lines_per_step = static_cast<int>((next.weight_lines + call_steps - 1) / call_steps);
       }
       if (p + 1 < panels) {
