@@ -24,10 +24,12 @@ RUNNABLE = [(name, dtype) for name in ops.BACKENDS for dtype in DTYPES
 BACKENDS = sorted({name for name, _ in RUNNABLE})
 needs_ext = pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded")
 # (N, C, H, W, kernel, stride, padding): the ResNet pool; channels that are not a multiple of the
-# kernel's 8 lanes (the scalar tail); stride 1; no padding; a window wider than tall.
+# kernel's 8 lanes (the scalar tail); 32 + 8 + 3 channels (each of the kernel's three loops); stride
+# 1; no padding; a window wider than tall.
 SHAPES = [
     (2, 64, 17, 15, 3, 2, 1),
     (1, 19, 9, 12, 3, 2, 1),
+    (1, 43, 9, 8, 3, 2, 1),
     (2, 8, 7, 6, 3, 1, 1),
     (1, 3, 8, 9, 2, 2, 0),
     (2, 24, 11, 10, (3, 5), (1, 2), (1, 2)),
