@@ -41,7 +41,7 @@ from resnet_fused.accuracy import judge, rel_error
 from resnet_fused.reference import random_model
 
 AVX2_OFF = "fused extension, own kernels off"
-AVX2_CORE = "fused extension, AVX2 GEMM core"
+OWN_CORE = "fused extension, own GEMM core"
 NO_NATIVE_BF16 = "fused extension, bf16 on fp32 kernels"
 EAGER_FP32 = "eager fp32"
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -67,13 +67,13 @@ def _with_env(name: str, value: str, fn):
 
 def extension_switches(cpu_flags: list[str], dtype: torch.dtype = torch.float32) -> dict[str, tuple[str, str]]:
     """The fused extension again under environment switches (variant -> (variable, value)): with our
-    own kernels off (oneDNN only); on CPUs with AVX-512 with every GEMM on our AVX2 micro-kernel
-    (oneDNN's brgemm, JIT-compiled for AVX-512 there, left out); in bf16 on CPUs with AVX512-BF16
+    own kernels off (oneDNN only); on CPUs with AVX-512 with every GEMM on our micro-kernel
+    (oneDNN's brgemm, JIT-compiled for AVX-512 there, left out; ours is AVX-512 code there too); in bf16 on CPUs with AVX512-BF16
     without our native bf16 kernel (bf16 converted to fp32 for our fp32 kernels): what each adds on
     this CPU."""
     switches = {AVX2_OFF: ("RESNET_FUSED_AVX2_CONV", "0")}
     if "avx512f" in cpu_flags:
-        switches[AVX2_CORE] = ("RESNET_FUSED_GEMM_CORE", "own")
+        switches[OWN_CORE] = ("RESNET_FUSED_GEMM_CORE", "own")
     if dtype == torch.bfloat16 and "avx512_bf16" in cpu_flags:
         switches[NO_NATIVE_BF16] = ("RESNET_FUSED_CPU_ISA", "avx2")
     return switches

@@ -176,11 +176,11 @@ def _extension_switches(dtype: torch.dtype = torch.float32) -> set[str]:
     return set(_interleaved().extension_switches(bench.cpu_flags(), dtype))
 
 
-def test_interleaved_compares_the_avx2_gemm_core_on_avx512_cpus():
+def test_interleaved_compares_the_own_gemm_core_on_avx512_cpus():
     switches = _interleaved().extension_switches
     off = {"fused extension, own kernels off": ("RESNET_FUSED_AVX2_CONV", "0")}
     assert switches(["avx2", "fma", "f16c"]) == off
-    avx512 = {**off, "fused extension, AVX2 GEMM core": ("RESNET_FUSED_GEMM_CORE", "own")}
+    avx512 = {**off, "fused extension, own GEMM core": ("RESNET_FUSED_GEMM_CORE", "own")}
     assert switches(["avx2", "fma", "avx512f", "avx512_bf16"]) == avx512
     assert switches(["avx2", "fma", "avx512f"], torch.bfloat16) == avx512
     assert switches(["avx2", "fma", "avx512f", "avx512_bf16"], torch.bfloat16) == {
