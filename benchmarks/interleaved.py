@@ -67,10 +67,10 @@ def _with_env(name: str, value: str, fn):
 
 def extension_switches(cpu_flags: list[str], dtype: torch.dtype = torch.float32) -> dict[str, tuple[str, str]]:
     """The fused extension again under environment switches (variant -> (variable, value)): with our
-    own kernels off (oneDNN only); on CPUs with AVX-512 with every GEMM on our micro-kernel
-    (oneDNN's brgemm, JIT-compiled for AVX-512 there, left out; ours is AVX-512 code there too); in bf16 on CPUs with AVX512-BF16
-    without our native bf16 kernel (bf16 converted to fp32 for our fp32 kernels): what each adds on
-    this CPU."""
+    own kernels off (oneDNN only); on CPUs with AVX-512 with every GEMM on our micro-kernel (AVX-512
+    code there; oneDNN's brgemm, JIT-compiled for AVX-512 too, left out); in bf16 on CPUs with
+    AVX512-BF16 without our native bf16 kernel (bf16 converted to fp32 for our fp32 kernels): what
+    each adds on this CPU."""
     switches = {AVX2_OFF: ("RESNET_FUSED_AVX2_CONV", "0")}
     if "avx512f" in cpu_flags:
         switches[OWN_CORE] = ("RESNET_FUSED_GEMM_CORE", "own")

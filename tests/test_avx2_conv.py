@@ -188,7 +188,8 @@ CORE_CASES = [((2, 16, 32, 5, 7), 3, 1, 1), ((1, 600, 48, 3, 4), 3, 1, 1), ((1, 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="the AVX-512 GEMM core needs a CPU with AVX512F")
 @pytest.mark.parametrize("tile", TILES, ids=[f"F{t}x{t}" for t in TILES])
-@pytest.mark.parametrize("case", CORE_CASES, ids=[f"c{s[1]}k{s[2]}_{s[3]}x{s[4]}_{r}x{r}s{st}" for s, r, st, _ in CORE_CASES])
+@pytest.mark.parametrize("case", CORE_CASES,
+                         ids=[f"c{s[1]}k{s[2]}_{s[3]}x{s[4]}_{r}x{r}s{st}" for s, r, st, _ in CORE_CASES])
 def test_avx512_core_matches_avx2_core_bit_for_bit(case, tile, forced, monkeypatch):
     """Our AVX-512 micro-kernel sums in the AVX2 one's order (avx512_gemm.h): every output, NaN and
     Inf included, is the same bit pattern whichever runs (RESNET_FUSED_CPU_ISA picks)."""
@@ -206,7 +207,8 @@ def test_avx512_core_matches_avx2_core_bit_for_bit(case, tile, forced, monkeypat
     assert torch.equal(outs["auto"].view(torch.int32), outs["avx2"].view(torch.int32))
     out, expected = outs["auto"], reference(x, weight, bias, residual, relu, stride, padding)
     assert torch.isnan(out).any()
-    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.equal(torch.isinf(out), torch.isinf(expected))
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(torch.isinf(out), torch.isinf(expected))
     finite = torch.isfinite(expected)
     assert_close(out[finite], expected[finite])
 

@@ -75,7 +75,8 @@ __attribute__((always_inline)) inline void add_step(__m512 (&acc)[R][P], const E
 template <int R, int P>
 __attribute__((always_inline)) inline void store_epilogue(__m512 (&acc)[R][P], Element* out, int64_t ld_out,
                                                           const Epilogue& e) {
-  // One pass per step over all the sums (not row by row): the residual's loads all issue first.
+  // Each step over all the sums before the next (not row by row), so the residual's loads all
+  // issue first: row by row, hot bf16 1x1 convs ran 1-3% slower (Zen 4, 2 threads).
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
@@ -112,9 +113,10 @@ __attribute__((always_inline)) inline void store_epilogue(__m512 (&acc)[R][P], E
 }
 
 // R rows x P panels: the sums over `taps` taps of `steps` reduction steps (+ the lone last channel
-// when `odd`: C not a multiple of kStep), then the store: into Element after the epilogue (kRaw false), or the raw fp32 sums
-// (kRaw: Winograd's transformed points; `e` unused). rows[r * row_taps + t] is row r's input
-// under tap t; tap t of panel p is at panel + p * panel_stride + t * tap_stride.
+// when `odd`: C not a multiple of kStep), then the store: into Element after the epilogue (kRaw
+// false), or the raw fp32 sums (kRaw: Winograd's transformed points; `e` unused).
+// rows[r * row_taps + t] is row r's input under tap t; tap t of panel p is at
+// panel + p * panel_stride + t * tap_stride.
 template <int R, int P, bool kRaw>
 inline void micro_kernel(int64_t steps, bool odd, int64_t taps, int64_t row_taps, const Element* const* rows,
                          const Element* panel, int64_t tap_stride, int64_t panel_stride,

@@ -453,7 +453,8 @@ bool on_bf16_core(Kernel kernel) {
 // was neutral (resnet50 b1 1.00x, resnet18 b1 0.97x, b8 1.02x, whole-model medians of 60 and 12
 // alternating forwards) and made resnet50's first forward 38% (b1) and 23% (b8) longer.
 bool times_gemm_core(Kernel kernel) {
-  return (is_winograd(kernel) && !on_bf16_core(kernel)) || (kernel == Kernel::kImplicitGemm && avx512_fp32::cpu_has_avx512());
+  return (is_winograd(kernel) && !on_bf16_core(kernel)) ||
+         (kernel == Kernel::kImplicitGemm && avx512_fp32::cpu_has_avx512());
 }
 
 // Whether `kernel` runs its GEMMs on brgemm under the GEMM core setting (the bf16 kernels have their own only).

@@ -91,7 +91,8 @@ namespace lanes16 {
 }  // namespace lanes16
 RF_TARGET_REGION_END
 
-// T: the activations' element type: float (the GEMMs on `core`, all in fp32), or bf16 as uint16_t (the GEMMs on the bf16 core, the transformed inputs rounded to bf16).
+// T: the activations' element type: float (the GEMMs on `core`, all in fp32), or bf16 as uint16_t
+// (the GEMMs on the bf16 core, the transformed inputs rounded to bf16).
 template <int M, typename T>
 bool conv_tiles(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias,
                 const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out, int64_t block,
