@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace resnet_fused {
@@ -119,13 +120,18 @@ void block_rows(const T* w, int64_t k, const float* x, int64_t row0, const float
   }
 }
 
+// p's `count` values in fp32: a copy for bf16 / fp16, none for fp32 (`p` itself; `storage` unused).
 template <typename T>
-std::vector<float> widened(const T* p, int64_t count) {
-  std::vector<float> out(count);
-  for (int64_t i = 0; i < count; ++i) {
-    out[i] = static_cast<float>(p[i]);
+const float* widened(const T* p, int64_t count, std::vector<float>& storage) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p;
+  } else {
+    storage.resize(count);
+    for (int64_t i = 0; i < count; ++i) {
+      storage[i] = static_cast<float>(p[i]);
+    }
+    return storage.data();
   }
-  return out;
 }
 
 template <typename T>
@@ -134,10 +140,9 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bia
   // x and the bias in fp32 once (x: a few rows, linear_rows_limit), so the tiles widen only the
   // weight. WHY a loop and not Tensor::to: at batch 1 the two ATen conversions took 50 us of a
   // bf16 resnet18's 7.5 ms forward (their calls' cost, cold after the convs), the loop ~1 us.
-  const std::vector<float> xf = widened(x.const_data_ptr<T>(), n * k);
-  const std::vector<float> bf = bias.defined() ? widened(bias.const_data_ptr<T>(), jn) : std::vector<float>();
-  const float* xp = xf.data();
-  const float* bp = bias.defined() ? bf.data() : nullptr;
+  std::vector<float> x_storage, bias_storage;
+  const float* xp = widened(x.const_data_ptr<T>(), n * k, x_storage);
+  const float* bp = bias.defined() ? widened(bias.const_data_ptr<T>(), jn, bias_storage) : nullptr;
   const T* wp = weight.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t blocks = (jn + kBlockRows - 1) / kBlockRows;

@@ -469,15 +469,15 @@ bool is_low_precision(const at::Tensor& x) {
 // Our kernels that could compute this call, the one to use when forced first; empty if none. A bf16
 // call on a CPU with AVX512-BF16 has the kernels on the bf16 core first (Winograd F(2x2) for 3x3
 // stride 1, else the implicit GEMM), then the fp32 kernels on converted activations (F(4x4)'s 4x
-// fewer multiply-adds can outweigh bf16's 2x rate).
+// fewer multiply-adds can outweigh bf16's 2x rate). `capped`: own_isa_capped_at_avx2(), read once
+// per call by the caller.
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, int64_t groups) {
+                                at::IntArrayRef padding, int64_t groups, bool capped) {
   if ((x.scalar_type() != at::kFloat && !is_low_precision(x)) || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
       !avx2::cpu_has_avx2_fma()) {
     return {};
   }
   std::vector<Kernel> kernels;
-  const bool capped = own_isa_capped_at_avx2();  // read (and checked) on every call, whatever the dtype
   const bool bf16_core = x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !capped;
   const int64_t r = weight.size(2), s = weight.size(3);
   const int tile = winograd_tile_setting();
@@ -520,12 +520,12 @@ struct Choice {
 };
 
 // The GEMM core of `choice`'s fp32 GEMMs: brgemm where chosen, else our widest micro-kernel the
-// CPU and RESNET_FUSED_CPU_ISA allow (the two compute bit-identical results).
-Fp32Core fp32_core(const Choice& choice) {
+// CPU and RESNET_FUSED_CPU_ISA (`capped`) allow (the two compute bit-identical results).
+Fp32Core fp32_core(const Choice& choice, bool capped) {
   if (choice.brgemm) {
     return Fp32Core::kBrgemm;
   }
-  return avx512_fp32::cpu_has_avx512() && !own_isa_capped_at_avx2() ? Fp32Core::kAvx512 : Fp32Core::kAvx2;
+  return avx512_fp32::cpu_has_avx512() && !capped ? Fp32Core::kAvx512 : Fp32Core::kAvx2;
 }
 
 // A conv call's key in the per-shape choices, and the choice's fields after it: the columns of
@@ -676,6 +676,7 @@ const char* kernel_name(Kernel kernel) {
 
 at::Tensor conv_own(
     const Choice& choice,
+    bool capped,
     const at::Tensor& x,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -688,7 +689,7 @@ at::Tensor conv_own(
   if (is_low_precision(x) && !on_bf16_core(choice.kernel)) {  // fp32 kernels; the weight packed to fp32 once, cached
     return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
                                                    const std::optional<at::Tensor>& residual32) {
-      return conv_own(choice, x32, weight, bias32, stride, padding, residual32, relu, out_sizes);
+      return conv_own(choice, capped, x32, weight, bias32, stride, padding, residual32, relu, out_sizes);
     });
   }
   // Recorded here, once per kernel run (the converted call above recurses).
@@ -700,7 +701,7 @@ at::Tensor conv_own(
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
-  const Fp32Core core = fp32_core(choice);
+  const Fp32Core core = fp32_core(choice, capped);
   if (is_implicit_gemm(choice.kernel)) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
                         choice.block, choice.split_channels, core);
@@ -709,8 +710,8 @@ at::Tensor conv_own(
     // the call is redone by the implicit GEMM (on the same core), whose sums give eager's. Only
     // corrupted inputs pay.
     const Kernel igemm = on_bf16_core(choice.kernel) ? Kernel::kImplicitGemmBf16 : Kernel::kImplicitGemm;
-    return conv_own(Choice{igemm, default_block(packed_weight(weight, igemm))}, x, weight, bias, stride, padding,
-                    residual, relu, out_sizes);
+    return conv_own(Choice{igemm, default_block(packed_weight(weight, igemm))}, capped, x, weight, bias, stride,
+                    padding, residual, relu, out_sizes);
   }
   return out;
 }
@@ -806,6 +807,7 @@ bool is_candidate(const Choice& choice, const std::vector<Kernel>& kernels, cons
 // timed once per shape.
 Choice choose(
     int mode,
+    bool capped,
     const std::vector<Kernel>& kernels,
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -830,7 +832,7 @@ Choice choose(
   const ShapeKey key{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                      stride[0], stride[1], padding[0], padding[1], at::get_num_threads(),
                      kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
-                     static_cast<int64_t>(split), static_cast<int64_t>(own_isa_capped_at_avx2()),
+                     static_cast<int64_t>(split), static_cast<int64_t>(capped),
                      static_cast<int64_t>(x.scalar_type()), residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
@@ -852,7 +854,7 @@ Choice choose(
   }
   auto run = [&](Choice c) {
     return [&, c] {
-      conv_own(c, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
+      conv_own(c, capped, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
     };
   };
   for (Kernel kernel : kernels) {
@@ -910,12 +912,15 @@ at::Tensor conv_bias_act_cpu(
     bool relu) {
   const auto out_sizes = check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
-  const std::vector<Kernel> kernels = own_kernels(x, weight, stride, padding, groups);
+  const bool capped = own_isa_capped_at_avx2();  // read (and checked) once per call, whatever the dtype
+  const std::vector<Kernel> kernels = own_kernels(x, weight, stride, padding, groups, capped);
   const int mode = kernels.empty() ? 0 : env_switch(kAvx2ConvEnv);  // read once per call
   if (x.numel() > 0 && mode != 0) {
-    const Choice choice = choose(mode, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
+    const Choice choice =
+        choose(mode, capped, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
     if (choice.kernel != Kernel::kDirect) {
-      return conv_own(choice, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
+      return conv_own(choice, capped, x, weight, bias, stride, padding, residual, relu, out_sizes)
+          .contiguous(format);
     }
   }
   return conv_direct(x, weight, bias, stride, padding, groups, residual, relu, format);

@@ -24,8 +24,9 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
 - ``RESNET_FUSED_ONEDNN_FUSED`` (CPU): ``0`` turns off oneDNN's fused post-ops
   (``mkldnn::_convolution_pointwise``) in favour of ``at::convolution`` + our epilogue.
 - ``RESNET_FUSED_AVX2_CONV`` (CPU): our own kernels (AVX2 and AVX-512), computing in fp32: Winograd
-  F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an implicit GEMM
-  with the epilogue in its store for every other convolution (``csrc/cpu/implicit_gemm_cpu.cpp``);
+  F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convolutions (``csrc/cpu/winograd_cpu.cpp``) and an
+  implicit GEMM with the epilogue in its store for every other convolution
+  (``csrc/cpu/implicit_gemm_cpu.cpp``);
   bf16 and fp16 calls converted to fp32 on the way in and rounded once on the way out (on a CPU
   without native bf16 convolutions, ATen's fallback is ~10x slower). On a CPU with AVX512-BF16 a
   bf16 call also has our bf16 GEMM core (``csrc/cpu/avx512_gemm.h``: VDPBF16PS, bf16 operands, fp32
@@ -47,8 +48,8 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   AVX2 one; the two give bit-identical results) or ``brgemm`` (oneDNN's JIT micro-kernel inside
   ATen, ``at::native::cpublas::brgemm``, generated for the ISA the CPU has: AVX-512 on an AVX-512
   server; the implicit GEMM then adds bias and residual and applies the ReLU right after each brgemm
-  call, on the tile it just wrote); unset or ``auto``: timed for each shape's chosen kernel and block, for
-  the implicit GEMM only where the CPU has AVX-512 (where both are AVX2 code, timing it changed
+  call, on the tile it just wrote); unset or ``auto``: timed for each shape's chosen kernel and
+  block, for the implicit GEMM only where the CPU has AVX-512 (where both are AVX2 code, timing it changed
   nothing measurable and made the first forward up to 38% longer). oneDNN's own
   ``ONEDNN_MAX_CPU_ISA`` (e.g. ``AVX2``), set before the first call, caps the ISA of brgemm and of
   the direct convolution, so an AVX-512 machine can run and time the AVX2 code.
@@ -58,7 +59,8 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   weight once: batch-1 layers on small maps); unset or ``auto``: both are timed.
 - ``RESNET_FUSED_CPU_ISA`` (CPU): ``avx2`` keeps our own kernels to their AVX2 + FMA code on any
   CPU (the AVX2 fp32 GEMM core, no AVX512-BF16 kernel), so that an AVX-512 machine tests and times
-  what an AVX2-only one runs; unset or ``auto``: what the CPU has. oneDNN's code is capped by ``ONEDNN_MAX_CPU_ISA``.
+  what an AVX2-only one runs; unset or ``auto``: what the CPU has. oneDNN's code is capped by
+  ``ONEDNN_MAX_CPU_ISA``.
 - ``RESNET_FUSED_CPU_POOL_MB`` (CPU): the outputs of our AVX2 kernels come from a pool of blocks
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed
   activations to the kernel and every forward page-faults them back in, 13% of resnet50's batch-8
