@@ -17,9 +17,14 @@ Runtime and OpenVINO by the row. Writes DIR/interleaved.json and DIR/interleaved
 ``--runs N`` repeats the whole measurement (variants rebuilt; the extension's per-shape kernel
 choices, made in the first run, stay for the process) N times and reports each ratio's median and
 range over the runs: even interleaved, one run's ratios moved by up to 0.3 between runs on the
-2-core development VM. The JSON also records those choices (``cpu_conv_choices``), and DIR/tuning.json
-holds them as a tuning file: ``--tuning DIR/tuning.json`` runs the same kernels again in another
-process (resnet_fused/tuning.py).
+2-core development VM. ``--processes P`` makes those runs in P fresh processes one after another
+(``--runs`` each), and the medians and ranges are over all P x N runs. WHY: a process's own state
+moves a whole result, not only the VM's speed: three processes of the same code, each timing
+resnet50 bf16 batch 1 against OpenVINO bf16, read 0.98x, 0.98x and 1.19x its speed (Zen 4 EPYC),
+so a ratio from one process is one draw. The JSON also records the choices
+(``cpu_conv_choices``; per process in ``cpu_conv_choices_per_process``), and DIR/tuning.json holds
+the (first) process's as a tuning file: ``--tuning DIR/tuning.json`` runs the same kernels again in
+another process (resnet_fused/tuning.py).
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -179,6 +187,31 @@ def overview(summary: list[dict]) -> list[str]:
     return lines
 
 
+def in_processes(args: argparse.Namespace) -> tuple[list[dict], list[list[str]]]:
+    """The measurement ``args`` describe, made in ``args.processes`` fresh processes one after
+    another: their rows (``run`` numbered across processes, ``process`` added) and each process's
+    kernel choices. The first process's tuning file is kept as the output's."""
+    options = ["--models", args.models, "--batch", args.batch, "--rounds", str(args.rounds), "--size", str(args.size),
+               "--runs", str(args.runs), "--dtype", args.dtype]
+    options += ["--no-peers"] if args.no_peers else []
+    options += ["--tuning", str(args.tuning)] if args.tuning is not None else []
+    rows, per_process = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for process in range(args.processes):
+            out = Path(folder) / f"process{process}"
+            print(f"process {process + 1}/{args.processes}", file=sys.stderr, flush=True)
+            # Its tables go to its folder, its progress to our stderr.
+            subprocess.run([sys.executable, __file__, *options, "--out", str(out)], check=True,
+                           stdout=subprocess.DEVNULL)
+            record = json.loads((out / "interleaved.json").read_text())
+            rows += [dict(r, run=process * args.runs + r["run"], process=process) for r in record["rows"]]
+            per_process.append(record["cpu_conv_choices"])
+            if process == 0 and (out / "tuning.json").exists():
+                args.out.mkdir(parents=True, exist_ok=True)
+                shutil.copy(out / "tuning.json", args.out / "tuning.json")
+    return rows, per_process
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="resnet18,resnet50")
@@ -186,13 +219,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement this many times")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="make the runs in this many fresh processes, one after another (--runs each)")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or both (comma-separated)")
     parser.add_argument("--no-peers", action="store_true", help="leave out ONNX Runtime and OpenVINO")
     parser.add_argument("--tuning", type=Path, default=None,
                         help="load the extension's CPU kernel choices from this tuning file first (no per-shape timing)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.tuning is not None:
+    if args.runs < 1 or args.processes < 1:
+        parser.error(f"--runs and --processes take a positive count, got {args.runs} and {args.processes}")
+    if args.tuning is not None and args.processes == 1:
         from resnet_fused import tuning
 
         print(f"loaded {tuning.load_tuning(args.tuning)} CPU kernel choices from {args.tuning}", file=sys.stderr)
@@ -205,27 +242,35 @@ def main(argv=None) -> int:
     if not args.no_peers:
         notes += dict.fromkeys(
             note for dtype in dtypes for note in bench.peer_variants(None, dtype=dtype, device="cpu", example=None)[1])
-    for note in notes:
+    for note in notes if args.processes == 1 else ():  # else each process says them
         print(f"note: {note}", file=sys.stderr, flush=True)
-    rows = []
-    for run in range(args.runs):
-        for arch in args.models.split(","):
-            for batch in (int(b) for b in args.batch.split(",")):
-                for dtype in dtypes:
-                    rows += [dict(r, run=run) for r in measure(arch, batch, args.rounds, args.size,
-                                                               peers=not args.no_peers, dtype=dtype)]
-                    print(f"run {run + 1}/{args.runs}: {arch} b{batch} {DTYPES[dtype]} done", file=sys.stderr, flush=True)
+    if args.processes > 1:
+        rows, per_process = in_processes(args)
+    else:
+        rows = []
+        for run in range(args.runs):
+            for arch in args.models.split(","):
+                for batch in (int(b) for b in args.batch.split(",")):
+                    for dtype in dtypes:
+                        rows += [dict(r, run=run) for r in measure(arch, batch, args.rounds, args.size,
+                                                                   peers=not args.no_peers, dtype=dtype)]
+                        print(f"run {run + 1}/{args.runs}: {arch} b{batch} {DTYPES[dtype]} done", file=sys.stderr,
+                              flush=True)
+        # What the extension's per-shape timing picked (in the first run; they stay for the process).
+        per_process = [extension.cpu_conv_choices()]
     summary = summarize(rows)
     env = bench.environment("cpu")
+    runs_text = (f"{args.processes} processes x {args.runs} run(s)" if args.processes > 1 else f"{args.runs} run(s)")
     peers = ", ".join(f"{module} {env[module]}" for module in bench.PEERS if module in env)
     lines = [
         f"Interleaved timing (`benchmarks/interleaved.py --rounds {args.rounds} --runs {args.runs}"
+        f"{f' --processes {args.processes}' if args.processes > 1 else ''}"
         f"{'' if args.dtype == 'fp32' else ' --dtype ' + args.dtype}`), {env['cpu_model']} "
         f"(ISA: {' '.join(env['cpu_flags']) or 'none of note'}; torch's kernels: {env['cpu_capability']}), "
         f"torch {torch.__version__}{', ' + peers if peers else ''}, {torch.get_num_threads()} threads, "
         f"{args.dtype.replace(',', ' and ')} {args.size}x{args.size}"
         f"{f', kernel choices loaded from {args.tuning}' if args.tuning else ''}. Each run times the variants round-robin "
-        f"({args.rounds} rounds); ms and ratios are medians over the {args.runs} run(s), [min-max] over runs. "
+        f"({args.rounds} rounds); ms and ratios are medians over the {runs_text}, [min-max] over runs. "
         "*vs eager fp32*: eager float32 (NCHW) divided by the row; *vs best peer*: the fastest of torch.compile, "
         "ONNX Runtime and OpenVINO in the row's dtype divided by the row.",
         *(f"Note: {note}." for note in notes),
@@ -238,12 +283,12 @@ def main(argv=None) -> int:
     lines += [f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['variant']} | {r['median_ms']:.1f} | "
               + " | ".join(_ratio(r, ratio) for ratio in RATIOS) + f" | {r['rel_error']:.1e} |" for r in summary]
     args.out.mkdir(parents=True, exist_ok=True)
-    # What the extension's per-shape timing picked (in the first run; they stay for the process).
-    choices = extension.cpu_conv_choices()
-    (args.out / "interleaved.json").write_text(json.dumps(
-        {"environment": env, "notes": notes, "summary": summary, "rows": rows, "cpu_conv_choices": choices}, indent=1))
+    record = {"environment": env, "notes": notes, "summary": summary, "rows": rows, "cpu_conv_choices": per_process[0]}
+    if args.processes > 1:
+        record["cpu_conv_choices_per_process"] = per_process
+    (args.out / "interleaved.json").write_text(json.dumps(record, indent=1))
     (args.out / "interleaved.md").write_text("\n".join(lines) + "\n")
-    if extension.load_error() is None:
+    if args.processes == 1 and extension.load_error() is None:
         from resnet_fused import tuning
 
         tuning.save_tuning(args.out / "tuning.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -228,6 +229,31 @@ def test_interleaved_script(tmp_path):
     if extension.load_error() is None:  # the kernels it ran, as a tuning file that runs them again
         saved = json.loads((tmp_path / "tuning.json").read_text())
         assert [c["description"] for c in saved["choices"]] == result["cpu_conv_choices"]
+
+
+def test_interleaved_script_in_fresh_processes(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "interleaved.py"), "--models", "resnet18", "--batch", "1", "--size", "32",
+         "--rounds", "1", "--runs", "1", "--processes", "2", "--no-peers", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "process 1/2" in result.stderr and "process 2/2" in result.stderr
+    record = json.loads((tmp_path / "interleaved.json").read_text())
+    rows, summary = record["rows"], record["summary"]
+    variants = {r["variant"] for r in rows}
+    # One run per process, numbered across them; every summary over both.
+    assert sorted((r["process"], r["run"]) for r in rows) == [(0, 0)] * len(variants) + [(1, 1)] * len(variants)
+    assert all(s["runs"] == 2 for s in summary)
+    for s in summary:
+        times = [r["median_ms"] for r in rows if r["variant"] == s["variant"]]
+        assert s["median_ms"] == pytest.approx(statistics.median(times))
+    assert len(record["cpu_conv_choices_per_process"]) == 2
+    assert "medians over the 2 processes x 1 run(s)" in (tmp_path / "interleaved.md").read_text()
+    if extension.load_error() is None:  # the first process's choices, as a tuning file
+        saved = json.loads((tmp_path / "tuning.json").read_text())
+        assert [c["description"] for c in saved["choices"]] == record["cpu_conv_choices"]
+        assert record["cpu_conv_choices"] == record["cpu_conv_choices_per_process"][0] != []
 
 
 def test_interleaved_script_in_bf16(tmp_path):
