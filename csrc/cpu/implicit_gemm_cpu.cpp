@@ -126,27 +126,60 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   }
   const int64_t group_panels = panels / k_groups;
   const T* xp = input.const_data_ptr<T>();
+  const int64_t stride_h = stride[0], stride_w = stride[1];
+  // Tap (i, j)'s input row, in elements from the pixel under tap (0, 0).
+  std::vector<int64_t> tap_offsets(taps);
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      tap_offsets[i * kw + j] = (i * w + j) * pixel_stride;
+    }
+  }
   parallel_items(blocks * k_groups, [&](const auto& claim) {
     thread_local std::vector<const T*> rows;
     thread_local std::vector<T> zero;
     rows.resize(split.max_size() * taps);
     zero.assign(c, T(0));
     const T** row = rows.data();
+    const T* const zero_row = zero.data();
+    const int64_t* const offsets = tap_offsets.data();
     for (int64_t item = 0; claim(item);) {
       // Items in order: by channels, thread t gets group t with every block (its share of the
       // weight read once); by pixels, a thread's items are whole blocks with each of their groups.
       const int64_t blk = by_channels ? item % blocks : item / k_groups;
       const int64_t kg = by_channels ? item / blocks : item % k_groups;
       const int64_t t0 = split.begin(blk), count = split.size(blk);
-      for (int64_t r = 0; r < count && need_rows; ++r) {
-        const int64_t pixel = t0 + r;
-        const int64_t img = pixel / (p * q);
-        const int64_t y0 = ((pixel / q) % p) * stride[0] - pad_h, x0 = (pixel % q) * stride[1] - pad_w;
-        for (int64_t i = 0; i < kh; ++i) {
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t yy = y0 + i, xx = x0 + j;
-            const bool inside = yy >= 0 && yy < h && xx >= 0 && xx < w;
-            row[r * taps + i * kw + j] = inside ? xp + ((img * h + yy) * w + xx) * pixel_stride : zero.data();
+      if (need_rows) {
+        // The block's pixels walked in order from its first one's coordinates, interior pixels'
+        // taps without bounds checks. WHY: with three divisions and a check per tap these pointers
+        // took a quarter of the stem's time (7 merged taps of 21 channels: few multiply-adds per
+        // pointer; perf). Zen 4, the stem alone: bf16 1.96 -> 1.51 ms on 1 thread, 0.93 -> 0.75 ms
+        // on 2; fp32 3.22 -> 2.55 ms on 1. Whole models, in one process against the old loop (2
+        // threads, alternating): resnet18 batch 1 1.035x bf16, 1.012x fp32; resnet50 batch 8 bf16
+        // 1.018x; resnet50 batch 1 within this VM's noise.
+        int64_t img = t0 / (p * q), oy = (t0 / q) % p, ox = t0 % q;
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t y0 = oy * stride_h - pad_h, x0 = ox * stride_w - pad_w;
+          const T** tap_rows = row + r * taps;
+          if (y0 >= 0 && y0 + kh <= h && x0 >= 0 && x0 + kw <= w) {
+            const T* origin = xp + ((img * h + y0) * w + x0) * pixel_stride;
+            for (int64_t t = 0; t < taps; ++t) {
+              tap_rows[t] = origin + offsets[t];
+            }
+          } else {
+            for (int64_t i = 0; i < kh; ++i) {
+              for (int64_t j = 0; j < kw; ++j) {
+                const int64_t yy = y0 + i, xx = x0 + j;
+                const bool inside = yy >= 0 && yy < h && xx >= 0 && xx < w;
+                tap_rows[i * kw + j] = inside ? xp + ((img * h + yy) * w + xx) * pixel_stride : zero_row;
+              }
+            }
+          }
+          if (++ox == q) {
+            ox = 0;
+            if (++oy == p) {
+              oy = 0;
+              ++img;
+            }
           }
         }
       }
