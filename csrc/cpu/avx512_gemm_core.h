@@ -215,10 +215,12 @@ inline void rows_of(int64_t n_rows, int64_t steps, bool odd, int64_t taps, const
 // All `count` output rows against `panels` consecutive panels (each taps x ceil(c / kStep) steps
 // of kStep x 16 elements, panels `panel_stride` apart; output columns 16 apart), two panels and 12
 // rows at a time; rows holds `taps` pointers per row. `e` is for the first panel and row.
+// `then`, `then_lines`: the weights the caller's next GEMM starts with, fetched like the next pair's
+// during the last pair's first call.
 template <bool kRaw>
 inline void panels_of(int64_t count, int64_t c, int64_t taps, const Element* const* rows, const Element* panel,
                       int64_t panels, std::conditional_t<kRaw, float, Element>* out, int64_t ld_out,
-                      const Epilogue& e) {
+                      const Epilogue& e, const Element* then = nullptr, int64_t then_lines = 0) {
   constexpr int64_t kStep = Ops::kStep;
   const int64_t steps = c / kStep, tap_stride = (c + kStep - 1) / kStep * kStep * kPanel;
   const int64_t panel_stride = taps * tap_stride;
@@ -265,6 +267,10 @@ inline void panels_of(int64_t count, int64_t c, int64_t taps, const Element* con
         next.weights = panel + (p + 2) * panel_stride;
         next.weight_lines = std::min<int64_t>(2, panels - p - 2) * panel_stride * sizeof(Element) / 64;
         next.weight_lines_per_step = static_cast<int>((next.weight_lines + call_steps - 1) / call_steps);
+      } else if (p + 2 >= panels && then != nullptr && call_steps > 0 && r == 0) {
+        next.weights = then;
+        next.weight_lines = then_lines;
+        next.weight_lines_per_step = static_cast<int>((then_lines + call_steps - 1) / call_steps);
       }
       if (p + 1 < panels) {
         rows_of<2, kRaw>(n_rows, steps, odd, taps, rr, panel + p * panel_stride, tap_stride, panel_stride, o, ld_out,
@@ -283,8 +289,9 @@ inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const Element* c
   panels_of<false>(count, c, taps, rows, panel, panels, out, ld_out, e);
 }
 
-// Winograd's GEMMs: the raw fp32 sums.
+// Winograd's GEMMs: the raw fp32 sums. `then`: see panels_of.
 inline void gemm_panels_raw(int64_t count, int64_t c, int64_t taps, const Element* const* rows, const Element* panel,
-                            int64_t panels, float* out, int64_t ld_out) {
-  panels_of<true>(count, c, taps, rows, panel, panels, out, ld_out, Epilogue{});
+                            int64_t panels, float* out, int64_t ld_out, const Element* then = nullptr,
+                            int64_t then_lines = 0) {
+  panels_of<true>(count, c, taps, rows, panel, panels, out, ld_out, Epilogue{}, then, then_lines);
 }
