@@ -11,16 +11,17 @@
 #   2. the test suite on this CPU (tests pass on every CPU kind; the ISA-specific ones say what
 #      they skip and why; CPU_CHECK_TESTS picks other test paths) -> tests.log;
 #   3. fp32: resnet18 and resnet50, batch 1 and 8, fused against eager, torch.compile, ONNX Runtime
-#      and OpenVINO, timed round-robin (benchmarks/interleaved.py --rounds 10 --runs 3) -> fp32/;
+#      and OpenVINO, timed round-robin in three fresh processes (benchmarks/interleaved.py --rounds 10
+#      --runs 1 --processes 3: one process's ratio is one draw) -> fp32/;
 #   4. bf16, where the CPU has bf16 instructions (avx512_bf16 or amx_bf16; CPU_CHECK_BF16=1 forces
 #      it elsewhere): the same models against eager fp32 (the bf16 targets' baseline), eager bf16,
 #      torch.compile bf16 and OpenVINO bf16 -> bf16/;
 #   5. resnet50 batch 1 conv by conv against ONNX Runtime and OpenVINO, inside whole forwards
 #      (benchmarks/per_layer.py) -> per_layer/; in bf16 too where stage 4 runs -> per_layer_bf16/.
 # About 25 minutes on 2 cores. CPU_CHECK_SKIP="tests fp32 bf16 per_layer per_layer_bf16" leaves stages out;
-# CPU_CHECK_ROUNDS (10) and CPU_CHECK_RUNS (3) size stage 3; CPU_CHECK_MODELS, CPU_CHECK_BATCH and
-# CPU_CHECK_SIZE (default resnet18,resnet50 / 1,8 / 224) shrink stages 3-5 for a rehearsal (the
-# smoke test runs it at 32x32). Exit status 1 when a stage fails (a failing test, a result off
+# CPU_CHECK_ROUNDS (10), CPU_CHECK_RUNS (1) and CPU_CHECK_PROCESSES (3) size stages 3-4;
+# CPU_CHECK_MODELS, CPU_CHECK_BATCH and CPU_CHECK_SIZE (default resnet18,resnet50 / 1,8 / 224) shrink
+# stages 3-5 for a rehearsal (the smoke test runs it at 32x32). Exit status 1 when a stage fails (a failing test, a result off
 # float64); missed performance targets are reported, not failed.
 # PYTHON picks the interpreter (default: .venv/bin/python, else python on PATH).
 
@@ -34,7 +35,8 @@ else
   PY=$(command -v python || command -v python3)
 fi
 ROUNDS=${CPU_CHECK_ROUNDS:-10}
-RUNS=${CPU_CHECK_RUNS:-3}
+RUNS=${CPU_CHECK_RUNS:-1}
+PROCESSES=${CPU_CHECK_PROCESSES:-3}
 MODELS=${CPU_CHECK_MODELS:-resnet18,resnet50}
 BATCH=${CPU_CHECK_BATCH:-1,8}
 SIZE=${CPU_CHECK_SIZE:-224}
@@ -86,12 +88,13 @@ run_tests() {
 }
 stage tests run_tests
 stage fp32 "$PY" benchmarks/interleaved.py --models "$MODELS" --batch "$BATCH" --size "$SIZE" --rounds "$ROUNDS" \
-  --runs "$RUNS" --out "$OUT/fp32"
+  --runs "$RUNS" --processes "$PROCESSES" --out "$OUT/fp32"
 bf16=0
 if [[ " $flags " == *" avx512_bf16 "* || " $flags " == *" amx_bf16 "* || "${CPU_CHECK_BF16:-0}" = 1 ]]; then
   bf16=1
   stage bf16 "$PY" benchmarks/interleaved.py --dtype bf16 --models "$MODELS" --batch "$BATCH" --size "$SIZE" \
-    --rounds "$(( ROUNDS < 6 ? ROUNDS : 6 ))" --runs "$RUNS" --out "$OUT/bf16"
+    --rounds "$(( ROUNDS < 6 ? ROUNDS : 6 ))" --runs "$RUNS" --processes "$PROCESSES" \
+    --out "$OUT/bf16"
 else
   say "bf16: not run: this CPU has neither avx512_bf16 nor amx_bf16 (CPU_CHECK_BF16=1 runs it anyway)"
 fi
