@@ -41,6 +41,9 @@ __all__ = ["save_tuning", "load_tuning", "clear_tuning", "tuning_choices", "Tuni
 
 FORMAT = "resnet-fused-cpu-tuning"
 VERSION = 1
+# Key fields renamed since version 1 files were first written, old name -> new (the values mean the
+# same: isa_capped_at_avx2's 0 and 1 are isa_cap's "none" and "avx2"; isa_cap 2 is "avx512").
+_RENAMED_FIELDS = {"isa_capped_at_avx2": "isa_cap"}
 
 
 class TuningFileError(ValueError):
@@ -116,6 +119,7 @@ def load_tuning(path: str | os.PathLike, *, replace: bool = False) -> int:
     for i, choice in enumerate(choices):
         if not isinstance(choice, dict):
             raise TuningFileError(f"{path}: choice {i} is not an object")
+        choice = {_RENAMED_FIELDS.get(name, name): value for name, value in choice.items()}
         missing = [name for name in fields if name not in choice]
         if missing:
             raise TuningFileError(f"{path}: choice {i} has no {', '.join(missing)}")

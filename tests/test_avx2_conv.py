@@ -433,7 +433,7 @@ def test_brgemm_core_under_a_capped_isa(isa):
 
 
 @pytest.mark.parametrize("env, value", [(WINOGRAD_TILE_ENV, "3"), (WINOGRAD_TILE_ENV, "F4"), (GEMM_CORE_ENV, "mkl"),
-                                        (GEMM_CORE_ENV, "1"), (THREAD_SPLIT_ENV, "rows"), (CPU_ISA_ENV, "avx512")])
+                                        (GEMM_CORE_ENV, "1"), (THREAD_SPLIT_ENV, "rows"), (CPU_ISA_ENV, "avx512f")])
 def test_switch_values_are_checked(env, value, monkeypatch, forced):
     monkeypatch.setenv(env, value)
     kernel = 1 if env == THREAD_SPLIT_ENV else 3

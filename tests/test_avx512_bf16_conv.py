@@ -3,7 +3,8 @@ implicit GEMM on bf16 operands (fp32 sums, the epilogue in fp32, one rounding to
 F(2x2, 3x3) with its transformed points rounded to bf16. RESNET_FUSED_AVX2_CONV=1 picks them first
 for bf16 calls on such a CPU (Winograd for 3x3 stride 1 unless RESNET_FUSED_WINOGRAD_TILE=off);
 RESNET_FUSED_CPU_ISA=avx2 takes them out (the fp32 kernels on converted activations, as on an
-AVX2-only CPU). Skipped, saying so, where the CPU lacks AVX512-BF16: there they are never
+AVX2-only CPU); these tests set RESNET_FUSED_CPU_ISA=avx512, which keeps AMX out (a CPU with AMX-BF16
+would take the AMX implicit GEMM first: test_amx_conv.py). Skipped, saying so, where the CPU lacks AVX512-BF16: there they are never
 candidates (test_avx2_conv.py covers what such CPUs run)."""
 
 from __future__ import annotations
@@ -43,17 +44,17 @@ def kernel_ran(call, kernel: str = "implicit_gemm_bf16") -> bool:
 
 @pytest.fixture
 def native(monkeypatch, nan_filled_empty_exact_fp32):
-    """Forced onto the bf16 implicit GEMM, 3x3 stride-1 convs included (no Winograd)."""
+    """Forced onto the bf16 implicit GEMM, 3x3 stride-1 convs included (no Winograd), off AMX."""
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "off")
-    monkeypatch.delenv(extension.CPU_ISA_ENV, raising=False)
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512")
 
 
 @pytest.fixture
 def winograd_bf16(monkeypatch, nan_filled_empty_exact_fp32):
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "2")
-    monkeypatch.delenv(extension.CPU_ISA_ENV, raising=False)
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512")
 
 
 def bf16_case(case, flags, layout="channels_last", seed=0):
@@ -150,8 +151,8 @@ def test_isa_switch_takes_the_native_kernel_out(native, monkeypatch):
     monkeypatch.setenv(extension.CPU_ISA_ENV, "avx2")
     call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
     assert own_kernel_ran(call) and not kernel_ran(call)
-    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512")
-    with pytest.raises(RuntimeError, match="RESNET_FUSED_CPU_ISA must be avx2 or auto"):
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512f")
+    with pytest.raises(RuntimeError, match="RESNET_FUSED_CPU_ISA must be avx2, avx512 or auto"):
         call()
 
 

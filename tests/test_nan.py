@@ -94,6 +94,9 @@ SHAPES = {
     "stem7x7s2": (3, 16, 7, 2, 3, 1, 17, 15),
     "grouped3x3": (16, 32, 3, 1, 1, 4, 8, 9),
     "k24": (16, 24, 3, 1, 1, 1, 7, 7),
+    # Input channels a multiple of 32: the AMX implicit GEMM's (its 1x1 reads whole row groups in place).
+    "3x3s1c32": (32, 32, 3, 1, 1, 1, 9, 11),
+    "1x1s1c64": (64, 48, 1, 1, 0, 1, 7, 6),
 }
 # name: (bias, residual, relu)
 FLAGS = {"bias_relu": (True, False, True), "bias_res_relu": (True, True, True), "bias": (True, False, False)}
@@ -165,7 +168,11 @@ OWN_KERNEL_CASES = [
     pytest.param(shape, kernel, torch.bfloat16,
                  marks=pytest.mark.skipif("avx512_bf16" not in bench.cpu_flags(), reason="needs AVX512-BF16"))
     for shape, kernel in [("3x3s1", "implicit_gemm_bf16"), ("stem7x7s2", "implicit_gemm_bf16"),
-                          ("3x3s1", "winograd2_bf16")]
+                          ("3x3s1c32", "implicit_gemm_bf16"), ("3x3s1", "winograd2_bf16")]
+] + [
+    pytest.param(shape, "implicit_gemm_amx", torch.bfloat16,
+                 marks=pytest.mark.skipif(not {"amx_tile", "amx_bf16"} <= set(bench.cpu_flags()), reason="needs AMX-BF16"))
+    for shape in ("3x3s1c32", "1x1s1c64")
 ]
 
 
@@ -177,13 +184,14 @@ def test_own_kernels_non_finite_like_eager(shape, kernel, bad, dtype, monkeypatc
     (F(2x2) and F(4x4)) would turn a lone Inf into NaNs (its transforms add and subtract a tile's
     inputs): such calls go to the implicit GEMM, which sums like eager. bf16 runs the same kernels
     in fp32, converted on the way in and out (RESNET_FUSED_CPU_ISA=avx2), or, where the CPU has
-    AVX512-BF16, the bf16 core's implicit GEMM and F(2x2)."""
-    bf16_core = kernel.endswith("_bf16")
-    monkeypatch.setenv(extension.CPU_ISA_ENV, "auto" if bf16_core else "avx2")
+    AVX512-BF16, the bf16 core's implicit GEMM and F(2x2) (RESNET_FUSED_CPU_ISA=avx512: not on AMX),
+    or, where it has AMX-BF16, the implicit GEMM on AMX tiles."""
+    bf16_core, amx = kernel.endswith("_bf16"), kernel.endswith("_amx")
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512" if bf16_core else "auto" if amx else "avx2")
     monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
     if kernel.startswith("winograd"):
         monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, kernel[len("winograd")])
-    elif bf16_core:
+    elif bf16_core or amx:
         monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "off")
     monkeypatch.setenv(extension.GEMM_CORE_ENV, "brgemm" if kernel.endswith("brgemm") else "own")
     x, weight, bias, kwargs = make_case(shape, "bias_res_relu", "channels_last")

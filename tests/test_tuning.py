@@ -73,6 +73,20 @@ def test_saved_choices_load_back(tmp_path):
     assert lines_for(prefix) == [entry["description"]]
 
 
+def test_a_file_with_the_old_isa_field_name_loads(tmp_path):
+    """Files written before the ISA switch took "avx512" name its key field isa_capped_at_avx2
+    (0 or 1, the same values): they load as they did."""
+    case = make_case((1, 44, 32, 5, 6), (True, False, True), "channels_last", kernel=1)
+    prefix = "x 1x44x5x6, weight 32x44x1x1, stride 1, padding 0, Float,"
+    path = tmp_path / "tuning.json"
+    record, entry = timed_entry(case, prefix, path)
+    for choice in record["choices"]:
+        choice["isa_capped_at_avx2"] = choice.pop("isa_cap")
+    path.write_text(json.dumps(record))
+    assert resnet_fused.load_tuning(path, replace=True) == len(record["choices"])
+    assert lines_for(prefix) == [entry["description"]]
+
+
 @pytest.mark.parametrize("kernel, block, line_end", [(DIRECT, 0, ": direct"), (IMPLICIT_GEMM, 12, ": implicit_gemm block 12")])
 def test_a_loaded_choice_runs_without_timing(kernel, block, line_end, tmp_path):
     """The first call after loading runs the loaded kernel only: no other candidate is timed."""
@@ -132,7 +146,7 @@ BAD_FILES = {
     "missing_field": (_drop("block"), "choice 0 has no block"),
     "text_value": (_set("block", "48"), "choice 0: block must be an integer, got '48'"),
     "bool_value": (_set("residual", True), "choice 0: residual must be an integer, got True"),
-    "unknown_kernel": (_set("kernel", 99), "conv choice 0: kernel must be in [0, 5], got 99"),
+    "unknown_kernel": (_set("kernel", 99), "conv choice 0: kernel must be in [0, 6], got 99"),
     "negative_size": (_set("height", -1), "conv choice 0: height must be in [1, "),
     "float64": (_set("dtype", 7), "conv choice 0: dtype must be Float, BFloat16 or Half"),
     "last_row_bad": (_set("stride_h", 0, index=-1), "stride_h must be in [1, "),

@@ -32,8 +32,17 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
 // (implicit_gemm_cpu.cpp); an odd reduction is padded with a zero.
 at::Tensor pack_weight_bf16(const at::Tensor& weight);
 
+// conv() on bf16 with the GEMMs on AMX tiles (amx_gemm.h): the same packed weight, bias, residual
+// and ReLU; input channels a multiple of 32. Needs can_run_amx().
+void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+              const at::Tensor& out, int64_t block, bool split_channels);
+
 // Whether this CPU runs conv() on bf16 (AVX512-BF16).
 bool can_run_bf16();
+
+// Whether this CPU (and OS) runs conv_amx(): AMX-TILE and AMX-BF16 on x86-64 Linux.
+bool can_run_amx();
 
 // Whether `split_channels` can apply: the output channels' panels divide evenly between the threads.
 bool can_split_channels(int64_t out_channels, int64_t threads);

@@ -12,6 +12,7 @@
 
 #include "implicit_gemm.h"
 
+#include "amx_gemm.h"
 #include "avx2_gemm.h"
 #include "avx512_gemm.h"
 #include "parallel_items.h"
@@ -22,6 +23,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace resnet_fused {
@@ -214,6 +216,48 @@ void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ke
 }
 #endif
 
+#if RF_HAVE_AMX
+// Where each row group's rows of each tap are read from by the AMX core (amx_gemm.h): in place,
+// when the group's 16 rows are evenly spaced in the input, else from a copy in `gathered` (zero
+// rows past the item's last pixel, so a tile never reads past the input). a[g * taps + t] and
+// stride[g * taps + t] (bytes) as amx_bf16::tile_sums takes them.
+void amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& a, std::vector<int64_t>& stride,
+              std::vector<uint16_t>& gathered) {
+  using amx_bf16::kGroupRows;
+  const int64_t groups = (item.count + kGroupRows - 1) / kGroupRows, taps = item.taps, c = item.c;
+  const auto row = [&](int64_t r, int64_t t) { return reinterpret_cast<const uint16_t*>(item.rows[r * taps + t]); };
+  a.resize(groups * taps);
+  stride.resize(groups * taps);
+  gathered.resize(groups * taps * kGroupRows * c);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * kGroupRows, rows = std::min<int64_t>(kGroupRows, item.count - first);
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint16_t* start = row(first, t);
+      const int64_t step = rows == kGroupRows ? row(first + 1, t) - start : 0;
+      bool even = rows == kGroupRows && step > 0;
+      for (int64_t r = 2; even && r < rows; ++r) {
+        even = row(first + r, t) == start + r * step;
+      }
+      if (even) {
+        a[g * taps + t] = start;
+        stride[g * taps + t] = step * static_cast<int64_t>(sizeof(uint16_t));
+        continue;
+      }
+      uint16_t* copy = gathered.data() + (g * taps + t) * kGroupRows * c;
+      for (int64_t r = 0; r < kGroupRows; ++r) {
+        if (r < rows) {
+          std::memcpy(copy + r * c, row(first + r, t), c * sizeof(uint16_t));
+        } else {
+          std::memset(copy + r * c, 0, c * sizeof(uint16_t));
+        }
+      }
+      a[g * taps + t] = copy;
+      stride[g * taps + t] = c * static_cast<int64_t>(sizeof(uint16_t));
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
@@ -285,6 +329,45 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
 #else
   TORCH_CHECK(false, "resnet_fused: the AVX2 implicit-GEMM convolution needs an x86-64 CPU");
 #endif
+}
+
+void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
+              const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
+              const at::Tensor& out, int64_t block, bool split_channels) {
+#if RF_HAVE_AMX
+  TORCH_CHECK(can_run_amx(), "resnet_fused: the AMX implicit-GEMM convolution needs a CPU with AMX-BF16");
+  TORCH_CHECK(amx_bf16::fits(x.size(1), out.size(1)) && x.scalar_type() == at::kBFloat16 &&
+                  packed.scalar_type() == at::kBFloat16,
+              "resnet_fused: the AMX convolution takes bf16 with input channels a multiple of 32");
+  const int64_t k = out.size(1);
+  const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
+  const auto* rp =
+      residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->const_data_ptr<at::BFloat16>()) : nullptr;
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // The tiles' sums start from the bias in fp32.
+  const at::Tensor bias32 = bias.to(at::kFloat).contiguous();
+  const float* bp = bias32.const_data_ptr<float>();
+  const auto gemm = [&](const Work<at::BFloat16>& item) {
+    thread_local std::vector<const uint16_t*> a;
+    thread_local std::vector<int64_t> strides;
+    thread_local std::vector<uint16_t> gathered;
+    amx_rows(item, a, strides, gathered);
+    const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
+    amx_bf16::configure();
+    amx_bf16::gemm_panels(item.count, item.c, item.taps, a.data(), strides.data(),
+                          wp + item.first_panel * item.taps * item.c * kPanel, item.panels, op + offset, k,
+                          amx_bf16::Epilogue{bp + item.first_panel * kPanel, rp == nullptr ? nullptr : rp + offset, k,
+                                             relu});
+  };
+  for_each_work_item<at::BFloat16>(x, kernel_size, stride, padding, out, block, split_channels, true, gemm,
+                                   [] { amx_bf16::release(); });
+#else
+  TORCH_CHECK(false, "resnet_fused: this build has no AMX convolution (x86-64 Linux only)");
+#endif
+}
+
+bool can_run_amx() {
+  return amx_bf16::cpu_has_amx_bf16();
 }
 
 bool can_run_bf16() {

@@ -9,6 +9,7 @@
 // summation orders.
 
 #include "../common.h"
+#include "amx_gemm.h"
 #include "avx2_gemm.h"
 #include "avx512_gemm.h"
 #include "head.h"
@@ -374,10 +375,11 @@ constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 
 // kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (avx512_gemm.h);
 // kWinograd2Bf16: F(2x2, 3x3) with its transformed points rounded to bf16 for the same GEMM core
-// (transforms in fp32); the others compute in fp32.
+// (transforms in fp32); kImplicitGemmAmx: the implicit GEMM on bf16 operands with AMX tiles
+// (amx_gemm.h), the same packed weight; the others compute in fp32.
 // The values are saved in tuning files (resnet_fused/tuning.py): append, never renumber (or bump its VERSION).
-enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16, kWinograd2Bf16 };
-constexpr Kernel kLastKernel = Kernel::kWinograd2Bf16;
+enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16, kWinograd2Bf16, kImplicitGemmAmx };
+constexpr Kernel kLastKernel = Kernel::kImplicitGemmAmx;
 
 // RESNET_FUSED_WINOGRAD_TILE: 0 (unset or auto: both), 2 or 4; -1 (off): no Winograd, the 3x3
 // stride-1 convs then take the implicit GEMM like any other (the direct convolution's rounding).
@@ -422,29 +424,33 @@ ThreadSplit thread_split_setting() {
 }
 
 // RESNET_FUSED_CPU_ISA=avx2 keeps our kernels to AVX2 + FMA code on any CPU, so that a machine
-// with AVX-512 can test and time the paths an AVX2-only one runs; auto (the default) lets them use
-// what the CPU has. It does not reach oneDNN (its convolutions and brgemm): ONEDNN_MAX_CPU_ISA does.
-bool own_isa_capped_at_avx2() {
+// with AVX-512 can test and time the paths an AVX2-only one runs; avx512 keeps them off AMX (the
+// AVX-512 and AVX512-BF16 cores, what an AVX-512 machine without AMX runs); auto (the default) lets
+// them use what the CPU has. It does not reach oneDNN (its convolutions and brgemm):
+// ONEDNN_MAX_CPU_ISA does. The values are the shape key's "isa_cap" (saved in tuning files).
+enum class IsaCap { kNone, kAvx2, kAvx512 };
+
+IsaCap own_isa_cap() {
   const char* value = std::getenv(kCpuIsaEnv);
   if (value == nullptr || value[0] == '\0' || std::strcmp(value, "auto") == 0) {
-    return false;
+    return IsaCap::kNone;
   }
-  TORCH_CHECK(std::strcmp(value, "avx2") == 0, "resnet_fused: ", kCpuIsaEnv, " must be avx2 or auto, got '", value,
-              "'");
-  return true;
+  TORCH_CHECK(std::strcmp(value, "avx2") == 0 || std::strcmp(value, "avx512") == 0, "resnet_fused: ", kCpuIsaEnv,
+              " must be avx2, avx512 or auto, got '", value, "'");
+  return std::strcmp(value, "avx2") == 0 ? IsaCap::kAvx2 : IsaCap::kAvx512;
 }
 
 bool is_implicit_gemm(Kernel kernel) {
-  return kernel == Kernel::kImplicitGemm || kernel == Kernel::kImplicitGemmBf16;
+  return kernel == Kernel::kImplicitGemm || kernel == Kernel::kImplicitGemmBf16 || kernel == Kernel::kImplicitGemmAmx;
 }
 
 bool is_winograd(Kernel kernel) {
   return kernel == Kernel::kWinograd2 || kernel == Kernel::kWinograd4 || kernel == Kernel::kWinograd2Bf16;
 }
 
-// The kernels whose GEMMs run on the bf16 core (bf16 calls on CPUs with AVX512-BF16 only).
+// The kernels whose GEMMs run on bf16 operands (the AVX512-BF16 core or AMX; bf16 calls only).
 bool on_bf16_core(Kernel kernel) {
-  return kernel == Kernel::kImplicitGemmBf16 || kernel == Kernel::kWinograd2Bf16;
+  return kernel == Kernel::kImplicitGemmBf16 || kernel == Kernel::kWinograd2Bf16 || kernel == Kernel::kImplicitGemmAmx;
 }
 
 // Whether a shape's first call times brgemm against our micro-kernel for `kernel` (when the core is
@@ -467,23 +473,29 @@ bool is_low_precision(const at::Tensor& x) {
 }
 
 // Our kernels that could compute this call, the one to use when forced first; empty if none. A bf16
-// call on a CPU with AVX512-BF16 has the kernels on the bf16 core first (Winograd F(2x2) for 3x3
-// stride 1, else the implicit GEMM), then the fp32 kernels on converted activations (F(4x4)'s 4x
-// fewer multiply-adds can outweigh bf16's 2x rate). `capped`: own_isa_capped_at_avx2(), read once
+// call on a CPU with AVX512-BF16 has the kernels on bf16 operands first (Winograd F(2x2) for 3x3
+// stride 1, the implicit GEMM on AMX where the CPU has it and the channels fit, the implicit GEMM
+// on the AVX512-BF16 core), then the fp32 kernels on converted activations (F(4x4)'s 4x
+// fewer multiply-adds can outweigh bf16's 2x rate). `cap`: own_isa_cap(), read once
 // per call by the caller.
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                                at::IntArrayRef padding, int64_t groups, bool capped) {
+                                at::IntArrayRef padding, int64_t groups, IsaCap cap) {
   if ((x.scalar_type() != at::kFloat && !is_low_precision(x)) || groups != 1 || weight.size(0) % avx2::kPanel != 0 ||
       !avx2::cpu_has_avx2_fma()) {
     return {};
   }
   std::vector<Kernel> kernels;
-  const bool bf16_core = x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && !capped;
+  const bool bf16_core = x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && cap != IsaCap::kAvx2;
+  const bool amx = bf16_core && cap == IsaCap::kNone && implicit_gemm::can_run_amx() &&
+                   amx_bf16::fits(weight.size(1), weight.size(0));
   const int64_t r = weight.size(2), s = weight.size(3);
   const int tile = winograd_tile_setting();
   if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1 && tile >= 0) {
     if (tile != 4 && bf16_core) {
       kernels.push_back(Kernel::kWinograd2Bf16);
+    }
+    if (amx) {
+      kernels.push_back(Kernel::kImplicitGemmAmx);
     }
     if (bf16_core) {
       kernels.push_back(Kernel::kImplicitGemmBf16);
@@ -495,6 +507,9 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
       kernels.push_back(Kernel::kWinograd4);
     }
   } else {
+    if (amx) {
+      kernels.push_back(Kernel::kImplicitGemmAmx);
+    }
     if (bf16_core) {
       kernels.push_back(Kernel::kImplicitGemmBf16);
     }
@@ -520,12 +535,12 @@ struct Choice {
 };
 
 // The GEMM core of `choice`'s fp32 GEMMs: brgemm where chosen, else our widest micro-kernel the
-// CPU and RESNET_FUSED_CPU_ISA (`capped`) allow (the two compute bit-identical results).
-Fp32Core fp32_core(const Choice& choice, bool capped) {
+// CPU and RESNET_FUSED_CPU_ISA (`cap`) allow (the two compute bit-identical results).
+Fp32Core fp32_core(const Choice& choice, IsaCap cap) {
   if (choice.brgemm) {
     return Fp32Core::kBrgemm;
   }
-  return avx512_fp32::cpu_has_avx512() && !capped ? Fp32Core::kAvx512 : Fp32Core::kAvx2;
+  return avx512_fp32::cpu_has_avx512() && cap != IsaCap::kAvx2 ? Fp32Core::kAvx512 : Fp32Core::kAvx2;
 }
 
 // A conv call's key in the per-shape choices, and the choice's fields after it: the columns of
@@ -537,13 +552,13 @@ Fp32Core fp32_core(const Choice& choice, bool capped) {
 constexpr const char* kKeyFields[] = {
     "batch",    "in_channels", "height",      "width",             "out_channels",         "kernel_h",
     "kernel_w", "stride_h",    "stride_w",    "padding_h",         "padding_w",            "threads",
-    "only_kernel", "gemm_core_setting", "thread_split_setting", "isa_capped_at_avx2", "dtype", "residual"};
+    "only_kernel", "gemm_core_setting", "thread_split_setting", "isa_cap", "dtype", "residual"};
 constexpr const char* kChoiceFields[] = {"kernel", "block", "brgemm", "split_channels"};
 constexpr size_t kKeySize = std::size(kKeyFields);
 constexpr size_t kRowSize = kKeySize + std::size(kChoiceFields);
 enum KeyField : size_t { kBatch, kInChannels, kHeight, kWidth, kOutChannels, kKernelH, kKernelW, kStrideH, kStrideW,
                          kPaddingH, kPaddingW, kThreads, kOnlyKernel, kGemmCoreSetting, kThreadSplitSetting,
-                         kIsaCapped, kDtype, kResidual };
+                         kIsaCap, kDtype, kResidual };
 static_assert(kResidual + 1 == kKeySize, "a name for every field of the key");
 
 using ShapeKey = std::array<int64_t, kKeySize>;
@@ -628,6 +643,7 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
     case Kernel::kWinograd4:
       return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 4); });
     case Kernel::kImplicitGemmBf16:
+    case Kernel::kImplicitGemmAmx:  // the same packing, cached under its own key (the loser's is dropped)
       return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight_bf16);
     case Kernel::kWinograd2Bf16:
       return own_kernel_weights().get(weight, key, winograd::transform_weight_bf16);
@@ -667,6 +683,8 @@ const char* kernel_name(Kernel kernel) {
       return "implicit_gemm";
     case Kernel::kImplicitGemmBf16:
       return "implicit_gemm_bf16";
+    case Kernel::kImplicitGemmAmx:
+      return "implicit_gemm_amx";
     case Kernel::kWinograd2Bf16:
       return "winograd_f2x2_bf16";
     default:
@@ -676,7 +694,7 @@ const char* kernel_name(Kernel kernel) {
 
 at::Tensor conv_own(
     const Choice& choice,
-    bool capped,
+    IsaCap cap,
     const at::Tensor& x,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -689,7 +707,7 @@ at::Tensor conv_own(
   if (is_low_precision(x) && !on_bf16_core(choice.kernel)) {  // fp32 kernels; the weight packed to fp32 once, cached
     return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
                                                    const std::optional<at::Tensor>& residual32) {
-      return conv_own(choice, capped, x32, weight, bias32, stride, padding, residual32, relu, out_sizes);
+      return conv_own(choice, cap, x32, weight, bias32, stride, padding, residual32, relu, out_sizes);
     });
   }
   // Recorded here, once per kernel run (the converted call above recurses).
@@ -701,8 +719,11 @@ at::Tensor conv_own(
   if (residual.has_value()) {
     r = residual->contiguous(cl);
   }
-  const Fp32Core core = fp32_core(choice, capped);
-  if (is_implicit_gemm(choice.kernel)) {
+  const Fp32Core core = fp32_core(choice, cap);
+  if (choice.kernel == Kernel::kImplicitGemmAmx) {
+    implicit_gemm::conv_amx(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
+                            choice.block, choice.split_channels);
+  } else if (is_implicit_gemm(choice.kernel)) {
     implicit_gemm::conv(x.contiguous(cl), packed, weight.sizes().slice(2), b, r, relu, stride, padding, out,
                         choice.block, choice.split_channels, core);
   } else if (!winograd::conv(x.contiguous(cl), packed, b, r, relu, out, choice.block, core)) {
@@ -710,7 +731,7 @@ at::Tensor conv_own(
     // the call is redone by the implicit GEMM (on the same core), whose sums give eager's. Only
     // corrupted inputs pay.
     const Kernel igemm = on_bf16_core(choice.kernel) ? Kernel::kImplicitGemmBf16 : Kernel::kImplicitGemm;
-    return conv_own(Choice{igemm, default_block(packed_weight(weight, igemm))}, capped, x, weight, bias, stride,
+    return conv_own(Choice{igemm, default_block(packed_weight(weight, igemm))}, cap, x, weight, bias, stride,
                     padding, residual, relu, out_sizes);
   }
   return out;
@@ -807,7 +828,7 @@ bool is_candidate(const Choice& choice, const std::vector<Kernel>& kernels, cons
 // timed once per shape.
 Choice choose(
     int mode,
-    bool capped,
+    IsaCap cap,
     const std::vector<Kernel>& kernels,
     const at::Tensor& x,
     const at::Tensor& weight,
@@ -832,7 +853,7 @@ Choice choose(
   const ShapeKey key{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
                      stride[0], stride[1], padding[0], padding[1], at::get_num_threads(),
                      kernels.size() == 1 ? static_cast<int64_t>(kernels.front()) : -1, static_cast<int64_t>(core),
-                     static_cast<int64_t>(split), static_cast<int64_t>(capped),
+                     static_cast<int64_t>(split), static_cast<int64_t>(cap),
                      static_cast<int64_t>(x.scalar_type()), residual.has_value()};
   {
     std::lock_guard<std::mutex> lock(timed.mutex);
@@ -854,7 +875,7 @@ Choice choose(
   }
   auto run = [&](Choice c) {
     return [&, c] {
-      conv_own(c, capped, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
+      conv_own(c, cap, x, weight, bias, stride, padding, residual, relu, out_sizes).contiguous(format);
     };
   };
   for (Kernel kernel : kernels) {
@@ -912,14 +933,14 @@ at::Tensor conv_bias_act_cpu(
     bool relu) {
   const auto out_sizes = check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
-  const bool capped = own_isa_capped_at_avx2();  // read (and checked) once per call, whatever the dtype
-  const std::vector<Kernel> kernels = own_kernels(x, weight, stride, padding, groups, capped);
+  const IsaCap cap = own_isa_cap();  // read (and checked) once per call, whatever the dtype
+  const std::vector<Kernel> kernels = own_kernels(x, weight, stride, padding, groups, cap);
   const int mode = kernels.empty() ? 0 : env_switch(kAvx2ConvEnv);  // read once per call
   if (x.numel() > 0 && mode != 0) {
     const Choice choice =
-        choose(mode, capped, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
+        choose(mode, cap, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
     if (choice.kernel != Kernel::kDirect) {
-      return conv_own(choice, capped, x, weight, bias, stride, padding, residual, relu, out_sizes)
+      return conv_own(choice, cap, x, weight, bias, stride, padding, residual, relu, out_sizes)
           .contiguous(format);
     }
   }
@@ -1054,7 +1075,8 @@ int64_t cpu_conv_load_choices(const std::vector<int64_t>& table, bool replace) {
         case kPaddingH: case kPaddingW: low = 0; break;
         case kOnlyKernel: low = -1; high = static_cast<int64_t>(kLastKernel); break;
         case kGemmCoreSetting: case kThreadSplitSetting: low = 0; high = 2; break;
-        case kIsaCapped: case kResidual: low = 0; high = 1; break;
+        case kIsaCap: low = 0; high = static_cast<int64_t>(IsaCap::kAvx512); break;
+        case kResidual: low = 0; high = 1; break;
         default: break;
       }
       key[field] = table_value(table, row, field, low, high);

@@ -32,7 +32,10 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   bf16 call also has our bf16 GEMM core (``csrc/cpu/avx512_gemm.h``: VDPBF16PS, bf16 operands, fp32
   sums): the implicit GEMM for every kernel size (the epilogue in fp32, one rounding to bf16 in the
   store), and Winograd F(2x2, 3x3) with its transformed points rounded to bf16 (about 2x a direct
-  bf16 conv's error per layer); ``1`` picks them first (F(2x2) for 3x3 stride 1).
+  bf16 conv's error per layer). On a CPU with AMX-BF16 (Linux) a bf16 call with input channels a
+  multiple of 32 also has the implicit GEMM on AMX tiles (``csrc/cpu/amx_gemm.h``: the same packed
+  weight, fp32 sums in the tiles, the same epilogue and rounding); ``1`` picks them first (F(2x2)
+  for 3x3 stride 1, else AMX where it applies, else the AVX512-BF16 implicit GEMM).
   Unset or ``auto``: the first call of each shape times them against the direct convolution, with
   the weight and its packed copies flushed from the CPU caches before each timed run (in a model
   every layer reads its weight from DRAM), and keeps the fastest (the losing Winograd variant's
@@ -59,7 +62,8 @@ Path switches, read on every call so a benchmark can compare the paths in one pr
   weight once: batch-1 layers on small maps); unset or ``auto``: both are timed.
 - ``RESNET_FUSED_CPU_ISA`` (CPU): ``avx2`` keeps our own kernels to their AVX2 + FMA code on any
   CPU (the AVX2 fp32 GEMM core, no AVX512-BF16 kernel), so that an AVX-512 machine tests and times
-  what an AVX2-only one runs; unset or ``auto``: what the CPU has. oneDNN's code is capped by
+  what an AVX2-only one runs; ``avx512`` keeps them off AMX (the AVX-512 and AVX512-BF16 cores: what
+  an AVX-512 CPU without AMX runs); unset or ``auto``: what the CPU has. oneDNN's code is capped by
   ``ONEDNN_MAX_CPU_ISA``.
 - ``RESNET_FUSED_CPU_POOL_MB`` (CPU): the outputs of our AVX2 kernels come from a pool of blocks
   reused once nobody holds them (``csrc/cpu/output_pool.h``: without it, glibc returns the freed

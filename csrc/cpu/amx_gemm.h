@@ -1,0 +1,245 @@
+#pragma once
+// The bf16 GEMM of the implicit-GEMM convolution on AMX tiles (Intel Xeon from Sapphire Rapids on):
+// out[rows x 16*P] = sum over taps t of rows_t[rows x C] * panel_t[C x 16*P] in fp32, the epilogue
+// (bias, bf16 residual, ReLU) in fp32 and one rounding to bf16 in the store, as the AVX512-BF16
+// core (avx512_gemm.h) computes it. WHY a core of its own: one TDPBF16PS multiplies a 16 x 32 bf16
+// tile by a 32 x 16 one into 16 x 16 fp32 sums, 8192 multiply-adds, where a VDPBF16PS does 32.
+// Where the CPU has AMX, OpenVINO's and ATen's bf16 convolutions run on it (oneDNN's brgconv) and
+// our AVX512-BF16 core reached half their speed; a bare tile loop ran a 3136 x 64 x 256 GEMM at
+// 310 GMAC/s on one core of the Xeon measured (2026-12-02).
+//
+// Tiles: 0-3 the sums of 2 row groups (16 output pixels each) x 2 panels (16 output channels
+// each); 4-5 the row groups' 32 input channels of one tap; 6-7 the panels' weights for those
+// channels. The weight is the bf16 core's packing, (K / 16, taps, C / 2, 16, 2): the 16 channel
+// pairs of a 32-channel chunk of a tap are 16 rows of 64 bytes, a B tile as it lies. A tile's 16
+// rows are read at one stride: a row group of a tap is read in place where its 16 input rows are
+// evenly spaced (a 1x1 stride-1 conv; a run inside one row of the map), else from a copy
+// (gather_rows). The sums start from the bias, read as a tile of 16 equal rows (stride 0).
+//
+// Linux only: a process must ask the kernel for the tile state before its first tile instruction
+// (arch_prctl ARCH_REQ_XCOMP_PERM); cpu_has_amx_bf16() does, once. Each thread loads the tile
+// configuration before its work and releases the tiles after it (oneDNN's brgemm, which may run
+// on the same threads in between, loads its own).
+
+#include "avx2_gemm.h"
+
+#include <cstdint>
+#include <cstring>
+
+#if RF_HAVE_X86 && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
+#define RF_HAVE_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define RF_HAVE_AMX 0
+#endif
+
+#if RF_HAVE_AMX
+#if defined(__clang__)
+#define RF_TARGET_REGION_BEGIN_AMX                                                                         \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16\"))), apply_to = function)")
+#else
+#define RF_TARGET_REGION_BEGIN_AMX \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16\")")
+#endif
+#endif
+
+namespace resnet_fused {
+namespace amx_bf16 {
+
+constexpr int kGroupRows = 16;   // output pixels per row group (a tile's rows)
+constexpr int kChunk = 32;       // input channels per tile step (a tile row's 64 bytes of bf16)
+
+// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them.
+inline bool cpu_has_amx_bf16() {
+#if RF_HAVE_AMX
+  static const bool ok = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) {
+      return false;
+    }
+    const bool tile = (edx >> 24) & 1, bf16 = (edx >> 22) & 1;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return tile && bf16 && avx2::cpu_has_avx2_fma() && __builtin_cpu_supports("avx512bf16") &&
+           syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The channel counts the tile loop takes: whole 32-channel chunks in, whole 16-channel panels out.
+inline bool fits(int64_t in_channels, int64_t out_channels) {
+  return in_channels % kChunk == 0 && out_channels % avx2::kPanel == 0;
+}
+
+// bias: this call's first panel's 16 in fp32 (then the next panels'); residual: row 0 of the first
+// panel, rows `ld_residual` apart.
+struct Epilogue {
+  const float* bias = nullptr;
+  const uint16_t* residual = nullptr;
+  int64_t ld_residual = 0;
+  bool relu = false;
+};
+
+#if RF_HAVE_AMX
+RF_TARGET_REGION_BEGIN_AMX
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows of 64 bytes, for this thread until release().
+inline void configure() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = kGroupRows;
+  }
+  // WHY not _tile_loadconfig(&config): GCC 12's tells the compiler it reads 8 bytes of the struct,
+  // so the stores of the row counts were dropped as dead and the first tile load faulted. Here
+  // the operand is the whole struct.
+  __asm__ volatile("ldtilecfg %0" : : "m"(config));
+}
+
+inline void release() {
+  _tile_release();
+}
+
+// G row groups x P panels of sums, over `taps` taps of `chunks` 32-channel chunks: group g's rows
+// of tap t start at a[g * taps + t], `stride[g * taps + t]` bytes apart; panel p's weights at
+// w + p * panel_stride. Stored raw (fp32, 16 x 16 per tile) to sums[g][p].
+template <int G, int P>
+inline void tile_sums(int64_t taps, int64_t chunks, const uint16_t* const* a, const int64_t* stride,
+                      const uint16_t* w, int64_t panel_stride, const float* bias, float (*sums)[2][256]) {
+  _tile_loadd(0, bias, 0);
+  if constexpr (P == 2) {
+    _tile_loadd(1, bias + avx2::kPanel, 0);
+  }
+  if constexpr (G == 2) {
+    _tile_loadd(2, bias, 0);
+    if constexpr (P == 2) {
+      _tile_loadd(3, bias + avx2::kPanel, 0);
+    }
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* a0 = a[t];
+    const uint16_t* a1 = G == 2 ? a[taps + t] : nullptr;
+    const int64_t s0 = stride[t], s1 = G == 2 ? stride[taps + t] : 0;
+    const uint16_t* wt = w + t * chunks * kChunk * avx2::kPanel;
+    for (int64_t j = 0; j < chunks; ++j) {
+      const uint16_t* wj = wt + j * kChunk * avx2::kPanel;
+      _tile_loadd(4, a0 + j * kChunk, s0);
+      _tile_loadd(6, wj, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (P == 2) {
+        _tile_loadd(7, wj + panel_stride, 64);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if constexpr (G == 2) {
+        _tile_loadd(5, a1 + j * kChunk, s1);
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (P == 2) {
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    }
+  }
+  _tile_stored(0, sums[0][0], 64);
+  if constexpr (P == 2) {
+    _tile_stored(1, sums[0][1], 64);
+  }
+  if constexpr (G == 2) {
+    _tile_stored(2, sums[1][0], 64);
+    if constexpr (P == 2) {
+      _tile_stored(3, sums[1][1], 64);
+    }
+  }
+}
+
+// `rows` output rows of P panels from their fp32 sums (bias included): + residual, ReLU, rounded
+// once to bf16.
+template <int P>
+inline void store_rows(const float (*sums)[256], int rows, uint16_t* out, int64_t ld_out, const Epilogue& e) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int r = 0; r < rows; ++r) {
+    __m512 v[P];
+    for (int p = 0; p < P; ++p) {
+      v[p] = _mm512_load_ps(sums[p] + r * avx2::kPanel);
+      if (e.residual != nullptr) {
+        const auto* res = reinterpret_cast<const __m256i*>(e.residual + r * e.ld_residual + p * avx2::kPanel);
+        const __m512i bits = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(res));
+        v[p] = _mm512_add_ps(v[p], _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, bits, 16)));
+      }
+      if (e.relu) {
+        v[p] = _mm512_maskz_max_ps(0xFFFF, zero, v[p]);  // second operand on NaN: NaN stays NaN
+      }
+    }
+    if constexpr (P == 2) {
+      _mm512_storeu_si512(out + r * ld_out, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ld_out), (__m256i)_mm512_cvtneps_pbh(v[0]));
+    }
+  }
+}
+
+// The `count` rows (count <= 2 groups' rows) x P panels at out: tile sums, then the epilogue.
+template <int P>
+inline void row_groups(int64_t count, int64_t taps, int64_t chunks, const uint16_t* const* a, const int64_t* stride,
+                       const uint16_t* w, int64_t panel_stride, uint16_t* out, int64_t ld_out, const Epilogue& e) {
+  alignas(64) float sums[2][2][256];
+  if (count > kGroupRows) {
+    tile_sums<2, P>(taps, chunks, a, stride, w, panel_stride, e.bias, sums);
+  } else {
+    tile_sums<1, P>(taps, chunks, a, stride, w, panel_stride, e.bias, sums);
+  }
+  for (int g = 0; g * kGroupRows < count; ++g) {
+    const int rows = static_cast<int>(std::min<int64_t>(kGroupRows, count - g * kGroupRows));
+    Epilogue eg = e;
+    if (eg.residual != nullptr) {
+      eg.residual += g * kGroupRows * e.ld_residual;
+    }
+    store_rows<P>(sums[g], rows, out + g * kGroupRows * ld_out, ld_out, eg);
+  }
+}
+
+// The whole GEMM of a work item: `count` rows whose row groups' tap rows are given by `a` and
+// `stride` (groups * taps of each, see tile_sums), `panels` panels from `panel` ((taps, C/2, 16, 2)
+// each, consecutive), out rows ld_out apart. Panel pairs outer, so a pair's weights are read from
+// memory once per item and the rows (a few hundred KiB at most) come from L2.
+inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const uint16_t* const* a, const int64_t* stride,
+                        const uint16_t* panel, int64_t panels, uint16_t* out, int64_t ld_out, const Epilogue& e) {
+  const int64_t chunks = c / kChunk, panel_size = taps * c * avx2::kPanel;
+  for (int64_t p = 0; p < panels; p += 2) {
+    const bool pair = p + 1 < panels;
+    for (int64_t r = 0; r < count; r += 2 * kGroupRows) {
+      const int64_t n = std::min<int64_t>(2 * kGroupRows, count - r);
+      const int64_t g = r / kGroupRows;
+      Epilogue er = e;
+      er.bias = e.bias + p * avx2::kPanel;
+      if (er.residual != nullptr) {
+        er.residual += r * e.ld_residual + p * avx2::kPanel;
+      }
+      uint16_t* o = out + r * ld_out + p * avx2::kPanel;
+      if (pair) {
+        row_groups<2>(n, taps, chunks, a + g * taps, stride + g * taps, panel + p * panel_size, panel_size, o, ld_out,
+                      er);
+      } else {
+        row_groups<1>(n, taps, chunks, a + g * taps, stride + g * taps, panel + p * panel_size, panel_size, o, ld_out,
+                      er);
+      }
+    }
+  }
+}
+
+RF_TARGET_REGION_END
+#endif
+
+}  // namespace amx_bf16
+}  // namespace resnet_fused

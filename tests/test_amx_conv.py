@@ -1,0 +1,172 @@
+"""The implicit GEMM on AMX tiles (csrc/cpu/amx_gemm.h), on CPUs with AMX-BF16 (Intel Xeon from
+Sapphire Rapids on): bf16 operands, fp32 sums in the tiles started from the bias, the epilogue in
+fp32 and one rounding to bf16, for bf16 convs with input channels a multiple of 32.
+RESNET_FUSED_AVX2_CONV=1 picks it first for such convs (3x3 stride 1 too, with
+RESNET_FUSED_WINOGRAD_TILE=off); RESNET_FUSED_CPU_ISA=avx512 takes it out. Skipped, saying so, where
+the CPU lacks AMX-BF16: there it is never a candidate, and the bf16 core it shares its packing,
+rows and epilogue with is tested by test_avx512_bf16_conv.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import resnet_fused
+from resnet_fused import bench
+from resnet_fused.accuracy import judge
+from resnet_fused.backends import extension
+from resnet_fused.reference import random_model
+from test_avx2_conv import FLAGS, conv, own_kernel_ran, reference
+from test_avx512_bf16_conv import bf16_case, kernel_ran
+from utils import assert_close, assert_within_eager_error
+
+pytestmark = [
+    pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded"),
+    pytest.mark.skipif(not {"amx_tile", "amx_bf16"} <= set(bench.cpu_flags()),
+                       reason="this CPU has no AMX-BF16: the AMX kernel never runs here"),
+]
+
+KERNEL = "implicit_gemm_amx"
+
+# (n, c, k, h, w, kernel, stride, padding). Row groups of 16 output pixels read in place (1x1
+# stride 1; runs inside a map row) or gathered (padding, row wraps, the item's last partial group);
+# an odd count of 16-channel panels (k = 48, 16) leaves one panel alone; stride 2; 5x5.
+CASES = [
+    (2, 32, 32, 5, 7, 1, 1, 0),
+    (1, 64, 64, 56, 3, 1, 1, 0),
+    (1, 64, 2048, 3, 3, 1, 1, 0),
+    (2, 32, 16, 17, 16, 1, 2, 0),
+    (1, 64, 48, 13, 14, 3, 1, 1),
+    (1, 32, 32, 20, 20, 3, 1, 1),
+    (3, 32, 64, 9, 7, 3, 2, 1),
+    (2, 96, 32, 8, 9, 5, 1, 2),
+    (1, 128, 256, 6, 5, 3, 1, 1),
+]
+IDS = [f"n{n}c{c}k{k}_{h}x{w}_{r}x{r}s{s}p{p}" for n, c, k, h, w, r, s, p in CASES]
+
+
+@pytest.fixture
+def amx(monkeypatch, nan_filled_empty_exact_fp32):
+    """Forced onto our kernels with no Winograd: bf16 convs that fit take the AMX implicit GEMM."""
+    monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
+    monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "off")
+    monkeypatch.delenv(extension.CPU_ISA_ENV, raising=False)
+
+
+@pytest.mark.parametrize("split", ["pixels", "channels"])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("flags", FLAGS, ids=["bias_relu", "bias_res_relu", "res", "bias"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_amx_matches_float64(case, flags, layout, split, amx, monkeypatch):
+    """Within bf16's tolerance of float64 and within twice eager bf16's own error; every element
+    written (outputs start as NaN)."""
+    monkeypatch.setenv(extension.THREAD_SPLIT_ENV, split)
+    (x, weight, bias, residual, relu), stride, padding = bf16_case(case, flags, layout)
+    call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
+    assert kernel_ran(call, KERNEL)
+    out = call()
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    ref = reference(x, weight, bias, residual, relu, stride, padding)
+    assert_close(out, ref)
+    eager = F.conv2d(x, weight, bias, stride, padding)
+    eager = eager + residual if residual is not None else eager
+    assert_within_eager_error(out, eager.relu() if relu else eager, ref)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_amx_matches_the_bf16_core(case, amx, monkeypatch):
+    """The AMX tiles and the AVX512-BF16 core both sum bf16 products in fp32 and round once: their
+    outputs differ by at most one bf16 ulp (the summation order)."""
+    (x, weight, bias, residual, relu), stride, padding = bf16_case(case, (True, True, True), seed=4)
+    out = conv(x, weight, bias, residual, relu, stride, padding).float()
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512")
+    assert kernel_ran(lambda: conv(x, weight, bias, residual, relu, stride, padding), "implicit_gemm_bf16")
+    core = conv(x, weight, bias, residual, relu, stride, padding).float()
+    ulp = torch.ldexp(torch.ones_like(core), torch.frexp(core)[1] - 8)
+    assert ((out - core).abs() <= ulp).all()
+
+
+def test_amx_rounds_once(amx):
+    """Half a bf16 ulp of float64 on the same operands, plus fp32 summation error: a second
+    rounding (of the conv before the residual add, say) would reach a whole ulp."""
+    (x, weight, bias, residual, relu), stride, padding = bf16_case((2, 64, 32, 7, 6, 3, 1, 1), (True, True, False))
+    out = conv(x, weight, bias, residual, relu, stride, padding).double()
+    ref = reference(x, weight, bias, residual, relu, stride, padding).double()
+    ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref)[1] - 8)
+    assert ((out - ref).abs() <= 0.5 * ulp + 1e-5 * ref.abs().amax()).all()
+
+
+@pytest.mark.parametrize("where", [(0, 0), (3, 2), (55, 2)], ids=["first", "inside", "last"])
+def test_amx_nan_stays_in_its_pixel(where, amx):
+    """A NaN input pixel of a 1x1 conv gives NaN in that output pixel's channels only: in a row
+    group read in place (the first 16 pixels, the middle), and in the last, gathered one (a tile
+    reads 16 rows: the rows past the item's end are zeros, never the next pixels)."""
+    (x, weight, bias, _, relu), _, _ = bf16_case((1, 64, 48, 56, 3, 1, 1, 0), (True, False, False))
+    x = x.contiguous(memory_format=torch.channels_last)
+    x[0, 5, where[0], where[1]] = float("nan")
+    out = conv(x, weight, bias, None, relu, 1, 0)
+    assert torch.isnan(out[0, :, where[0], where[1]]).all()
+    assert torch.isnan(out).sum() == 48, "only the corrupted pixel's outputs are NaN"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_amx_any_thread_count(threads, amx):
+    """Each thread loads the tile configuration before its items and releases the tiles after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (x, weight, bias, residual, relu), stride, padding = bf16_case((2, 64, 48, 13, 11, 3, 1, 1), (True, True, True))
+        call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
+        assert kernel_ran(call, KERNEL)
+        assert_close(call(), reference(x, weight, bias, residual, relu, stride, padding))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_amx_takes_only_whole_channel_chunks(amx):
+    """48 input channels are not whole 32-channel tile rows: the AVX512-BF16 core takes the conv."""
+    (x, weight, bias, residual, relu), stride, padding = bf16_case((1, 48, 32, 6, 5, 1, 1, 0), (True, True, True))
+    call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
+    assert kernel_ran(call, "implicit_gemm_bf16") and not own_kernel_ran(call, KERNEL)
+    assert_close(call(), reference(x, weight, bias, residual, relu, stride, padding))
+
+
+def test_isa_switch_takes_amx_out(amx, monkeypatch):
+    (x, weight, bias, residual, relu), stride, padding = bf16_case((1, 32, 32, 6, 5, 1, 1, 0), (True, True, True))
+    call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
+    assert kernel_ran(call, KERNEL)
+    monkeypatch.setenv(extension.CPU_ISA_ENV, "avx512")
+    assert kernel_ran(call, "implicit_gemm_bf16") and not own_kernel_ran(call, KERNEL)
+
+
+def test_amx_is_a_timed_candidate(monkeypatch, nan_filled_empty_exact_fp32):
+    """Timed (no switch), a 1x1 conv over many channels, where AMX's rate has the most to win: the
+    choice is listed, and whichever wins is exact to bf16's tolerance."""
+    monkeypatch.delenv(extension.AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(extension.CPU_ISA_ENV, raising=False)
+    (x, weight, bias, residual, relu), stride, padding = bf16_case((1, 256, 256, 14, 13, 1, 1, 0), (True, True, True))
+    assert_close(conv(x, weight, bias, residual, relu, stride, padding),
+                 reference(x, weight, bias, residual, relu, stride, padding))
+    lines = [line for line in extension.cpu_conv_choices()
+             if line.startswith("x 1x256x14x13, weight 256x256x1x1, stride 1, padding 0, residual, BFloat16,")]
+    assert len(lines) == 1, lines
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_bf16_model_on_amx(arch, amx):
+    """A whole bf16 model, every conv with whole 32-channel chunks on AMX (the stem's 3 channels on
+    the bf16 core): within twice eager bf16's error."""
+    model = random_model(arch, calibration_size=16)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    fused = resnet_fused.fuse(model, backend="extension", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert kernel_ran(lambda: fused(x), KERNEL)
+        out = fused(x)
+        eager = copy.deepcopy(model).bfloat16()(x)
+        ref = copy.deepcopy(model).double()(x.double())
+    verdict = judge(out, eager, ref)
+    assert verdict.ok, verdict
