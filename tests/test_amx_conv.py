@@ -1,7 +1,7 @@
 """The implicit GEMM on AMX tiles (csrc/cpu/amx_gemm.h), on CPUs with AMX-BF16 (Intel Xeon from
 Sapphire Rapids on): bf16 operands, fp32 sums in the tiles started from the bias, the epilogue in
-fp32 and one rounding to bf16, for bf16 convs with input channels a multiple of 32.
-RESNET_FUSED_AVX2_CONV=1 picks it first for such convs (3x3 stride 1 too, with
+fp32 and one rounding to bf16, for bf16 convs (a tap's channels zero-padded to whole 32-channel
+chunks where they are not). RESNET_FUSED_AVX2_CONV=1 picks it first (3x3 stride 1 too, with
 RESNET_FUSED_WINOGRAD_TILE=off); RESNET_FUSED_CPU_ISA=avx512 takes it out. Skipped, saying so, where
 the CPU lacks AMX-BF16: there it is never a candidate, and the bf16 core it shares its packing,
 rows and epilogue with is tested by test_avx512_bf16_conv.py."""
@@ -33,8 +33,13 @@ KERNEL = "implicit_gemm_amx"
 
 # (n, c, k, h, w, kernel, stride, padding). Row groups of 16 output pixels read in place (1x1
 # stride 1; runs inside a map row) or gathered (padding, row wraps, the item's last partial group);
-# an odd count of 16-channel panels (k = 48, 16) leaves one panel alone; stride 2; 5x5.
+# an odd count of 16-channel panels (k = 48, 16) leaves one panel alone; stride 2; 5x5; channels
+# that are not whole 32-channel chunks, padded with zeros in the copy (48, 5; the stem's 3, whose
+# filter rows are merged into taps of 21).
 CASES = [
+    (1, 3, 64, 23, 21, 7, 2, 3),
+    (2, 48, 32, 7, 6, 3, 1, 1),
+    (1, 5, 16, 8, 9, 1, 1, 0),
     (2, 32, 32, 5, 7, 1, 1, 0),
     (1, 64, 64, 56, 3, 1, 1, 0),
     (1, 64, 2048, 3, 3, 1, 1, 0),
@@ -127,14 +132,6 @@ def test_amx_any_thread_count(threads, amx):
         torch.set_num_threads(previous)
 
 
-def test_amx_takes_only_whole_channel_chunks(amx):
-    """48 input channels are not whole 32-channel tile rows: the AVX512-BF16 core takes the conv."""
-    (x, weight, bias, residual, relu), stride, padding = bf16_case((1, 48, 32, 6, 5, 1, 1, 0), (True, True, True))
-    call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
-    assert kernel_ran(call, "implicit_gemm_bf16") and not own_kernel_ran(call, KERNEL)
-    assert_close(call(), reference(x, weight, bias, residual, relu, stride, padding))
-
-
 def test_isa_switch_takes_amx_out(amx, monkeypatch):
     (x, weight, bias, residual, relu), stride, padding = bf16_case((1, 32, 32, 6, 5, 1, 1, 0), (True, True, True))
     call = lambda: conv(x, weight, bias, residual, relu, stride, padding)  # noqa: E731
@@ -170,3 +167,17 @@ def test_bf16_model_on_amx(arch, amx):
         ref = copy.deepcopy(model).double()(x.double())
     verdict = judge(out, eager, ref)
     assert verdict.ok, verdict
+
+
+def test_padded_channels_read_no_neighbour(amx):
+    """5 channels are padded to a 32-channel chunk with zeros in the copy: a NaN in the next
+    pixel's first channel must not reach this pixel (reading 32 channels in place would pull it
+    in, and NaN times the padded zero weight is NaN)."""
+    (x, weight, bias, _, relu), _, _ = bf16_case((1, 5, 16, 3, 4, 1, 1, 0), (True, False, True))
+    x = x.contiguous(memory_format=torch.channels_last)
+    x[0, 0, 1, 2] = float("nan")
+    call = lambda: conv(x, weight, bias, None, relu, 1, 0)  # noqa: E731
+    assert kernel_ran(call, KERNEL)
+    out = call()
+    assert torch.isnan(out[0, :, 1, 2]).all()
+    assert torch.isnan(out).sum() == 16, "only the corrupted pixel's outputs are NaN"

@@ -32,11 +32,16 @@ void conv(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_
 // (implicit_gemm_cpu.cpp); an odd reduction is padded with a zero.
 at::Tensor pack_weight_bf16(const at::Tensor& weight);
 
-// conv() on bf16 with the GEMMs on AMX tiles (amx_gemm.h): the same packed weight, bias, residual
-// and ReLU; input channels a multiple of 32. Needs can_run_amx().
+// conv() on bf16 with the GEMMs on AMX tiles (amx_gemm.h): the same bias, residual and ReLU, the
+// weight from pack_weight_amx. Needs can_run_amx().
 void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef kernel_size, const at::Tensor& bias,
               const std::optional<at::Tensor>& residual, bool relu, at::IntArrayRef stride, at::IntArrayRef padding,
               const at::Tensor& out, int64_t block, bool split_channels);
+
+// pack_weight_bf16's layout for the AMX core: a tap's reduction of whole 32-channel chunks as
+// pack_weight_bf16 packs it; other reductions joined into one tap of all of them, zero-padded to
+// whole chunks (bf16 (K / 16, 1, ceil(taps * reduction / 32) * 16, 16, 2)).
+at::Tensor pack_weight_amx(const at::Tensor& weight);
 
 // Whether this CPU runs conv() on bf16 (AVX512-BF16).
 bool can_run_bf16();

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace resnet_fused {
@@ -52,15 +53,18 @@ bool merges_filter_rows(int64_t channels, int64_t kernel_w) {
 }
 
 // x (dense channels_last) with pad_h zero rows above and below and pad_w zero pixels left and
-// right, in one pass of row writes. WHY not zero_() and a copy into the middle: at batch 1 those
-// ATen calls (a fill, two narrows, a strided copy) took about 80 us of a forward, profiled.
+// right, in one pass of row writes, as a flat buffer of its (n, h + 2 pad_h, w + 2 pad_w, c)
+// elements and `slack` zero pixels after them (for reads past the end that are never used).
+// WHY not zero_() and a copy into the middle: at batch 1 those ATen calls (a fill, two narrows, a
+// strided copy) took about 80 us of a forward, profiled.
 template <typename T>
-at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w) {
+at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w, int64_t slack = 0) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t ph = h + 2 * pad_h, pw = w + 2 * pad_w;
-  at::Tensor out = at::empty({n, c, ph, pw}, x.options().memory_format(c10::MemoryFormat::ChannelsLast));
+  at::Tensor out = at::empty({(n * ph * pw + slack) * c}, x.options().memory_format(c10::MemoryFormat::Contiguous));
   const T* xp = x.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
+  std::fill_n(op + n * ph * pw * c, slack * c, T(0));
   at::parallel_for(0, n * ph, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t img = row / ph, y = row % ph - pad_h;
@@ -217,44 +221,130 @@ void conv_bf16(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ke
 #endif
 
 #if RF_HAVE_AMX
-// Where each row group's rows of each tap are read from by the AMX core (amx_gemm.h): in place,
-// when the group's 16 rows are evenly spaced in the input, else from a copy in `gathered` (zero
-// rows past the item's last pixel, so a tile never reads past the input). a[g * taps + t] and
-// stride[g * taps + t] (bytes) as amx_bf16::tile_sums takes them.
-void amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& a, std::vector<int64_t>& stride,
-              std::vector<uint16_t>& gathered) {
+// The GEMM shape the AMX core runs for an item: `taps` taps of `c` channels (whole 32-channel chunks).
+struct AmxShape {
+  int64_t taps, c;
+};
+
+// Where each row group's rows of each tap are read from by the AMX core (amx_gemm.h), into
+// a[g * taps + t] and stride[g * taps + t] (bytes) as amx_bf16::tile_sums takes them. A tap of whole
+// 32-channel chunks is read in place where the group's 16 rows are evenly spaced in the input, else
+// from a copy in `gathered` (zero rows past the item's last pixel, so a tile never reads past the
+// input). Taps of other channel counts (a few-channel input's merged filter rows: the stem's 21)
+// are copied side by side into one row per pixel, zero-padded to whole chunks, and run as one tap:
+// the stem's 7 x 21 channels as 160, not 7 x 32.
+AmxShape amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& a, std::vector<int64_t>& stride,
+                  std::vector<uint16_t>& gathered) {
   using amx_bf16::kGroupRows;
   const int64_t groups = (item.count + kGroupRows - 1) / kGroupRows, taps = item.taps, c = item.c;
   const auto row = [&](int64_t r, int64_t t) { return reinterpret_cast<const uint16_t*>(item.rows[r * taps + t]); };
-  a.resize(groups * taps);
-  stride.resize(groups * taps);
-  gathered.resize(groups * taps * kGroupRows * c);
+  const bool side_by_side = c % amx_bf16::kChunk != 0;
+  const AmxShape shape = side_by_side ? AmxShape{1, amx_bf16::padded_reduction(taps * c)} : AmxShape{taps, c};
+  a.resize(groups * shape.taps);
+  stride.resize(groups * shape.taps);
+  gathered.resize(groups * shape.taps * kGroupRows * shape.c);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t first = g * kGroupRows, rows = std::min<int64_t>(kGroupRows, item.count - first);
-    for (int64_t t = 0; t < taps; ++t) {
-      const uint16_t* start = row(first, t);
-      const int64_t step = rows == kGroupRows ? row(first + 1, t) - start : 0;
-      bool even = rows == kGroupRows && step > 0;
-      for (int64_t r = 2; even && r < rows; ++r) {
-        even = row(first + r, t) == start + r * step;
-      }
-      if (even) {
-        a[g * taps + t] = start;
-        stride[g * taps + t] = step * static_cast<int64_t>(sizeof(uint16_t));
-        continue;
-      }
-      uint16_t* copy = gathered.data() + (g * taps + t) * kGroupRows * c;
-      for (int64_t r = 0; r < kGroupRows; ++r) {
-        if (r < rows) {
-          std::memcpy(copy + r * c, row(first + r, t), c * sizeof(uint16_t));
-        } else {
-          std::memset(copy + r * c, 0, c * sizeof(uint16_t));
+    for (int64_t t = 0; t < shape.taps; ++t) {
+      const int64_t at = g * shape.taps + t;
+      if (!side_by_side && rows == kGroupRows) {
+        const uint16_t* start = row(first, t);
+        const int64_t step = row(first + 1, t) - start;
+        bool even = step > 0;
+        for (int64_t r = 2; even && r < rows; ++r) {
+          even = row(first + r, t) == start + r * step;
+        }
+        if (even) {
+          a[at] = start;
+          stride[at] = step * static_cast<int64_t>(sizeof(uint16_t));
+          continue;
         }
       }
-      a[g * taps + t] = copy;
-      stride[g * taps + t] = c * static_cast<int64_t>(sizeof(uint16_t));
+      uint16_t* copy = gathered.data() + at * kGroupRows * shape.c;
+      for (int64_t r = 0; r < kGroupRows; ++r) {
+        uint16_t* dst = copy + r * shape.c;
+        int64_t kept = 0;
+        if (r < rows) {
+          for (int64_t u = side_by_side ? 0 : t; u < (side_by_side ? taps : t + 1); ++u, kept += c) {
+            std::memcpy(dst + kept, row(first + r, u), c * sizeof(uint16_t));
+          }
+        }
+        std::memset(dst + kept, 0, (shape.c - kept) * sizeof(uint16_t));
+      }
+      a[at] = copy;
+      stride[at] = shape.c * static_cast<int64_t>(sizeof(uint16_t));
     }
   }
+  return shape;
+}
+
+// conv_amx for a stride-1 KxK convolution of whole 32-channel chunks, with no copies of rows: over
+// a zero-padded copy of the input, output pixel (y, x) of an image is virtual pixel v = y * wp + x
+// (wp the padded width) and its tap (i, j) input pixel v + i * wp + j, so 16 consecutive virtual
+// pixels read each tap at one stride. The virtual pixels x >= the output width (wp - q of each row
+// but the last) are summed and never stored. WHY: with the rows copied wherever a row group crossed
+// a map row or the padding (amx_rows), 3x3 convs ran 1.2-1.5x slower (Intel Xeon with AMX, 2
+// threads, hot: 64 channels at 56x56 0.142 -> 0.093 ms, 256 at 14x14 0.154 -> 0.101, 512 at 7x7
+// 0.208 -> 0.177), though 7x7 maps sum 20% more pixels this way.
+// `block`: virtual pixels per work item, rounded down to whole pairs of row groups (at least one).
+void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, const uint16_t* rp, bool relu,
+                     at::IntArrayRef kernel_size, at::IntArrayRef padding, uint16_t* op, int64_t k, int64_t block) {
+  using amx_bf16::kGroupRows;
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1];
+  const int64_t hp = h + 2 * padding[0], wpad = w + 2 * padding[1];
+  const int64_t p = hp - kh + 1, q = wpad - kw + 1, taps = kh * kw;
+  const int64_t per_image = (p - 1) * wpad + q;
+  // A tile reads up to 2 * kGroupRows - 1 virtual pixels past an item's last one.
+  const at::Tensor input = padded<at::BFloat16>(x, padding[0], padding[1], 2 * kGroupRows + kw);
+  const auto* xp = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
+  const int64_t threads = at::get_num_threads();
+  const int64_t item_size = std::max<int64_t>(2 * kGroupRows, block / (2 * kGroupRows) * (2 * kGroupRows));
+  const int64_t blocks_per_image = (per_image + item_size - 1) / item_size, blocks = n * blocks_per_image;
+  const int64_t panels = k / kPanel;
+  int64_t k_groups = 1;
+  while (blocks * k_groups < 4 * threads && panels % (k_groups * 2) == 0) {
+    k_groups *= 2;
+  }
+  const int64_t group_panels = panels / k_groups;
+  std::vector<int64_t> tap_offsets(taps);
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      tap_offsets[i * kw + j] = (i * wpad + j) * c;
+    }
+  }
+  parallel_items(blocks * k_groups, [&](const auto& claim) {
+    thread_local std::vector<const uint16_t*> a;
+    thread_local std::vector<int64_t> strides;
+    thread_local std::vector<int64_t> rows;
+    amx_bf16::configure();
+    for (int64_t item = 0; claim(item);) {
+      const int64_t blk = item / k_groups, kg = item % k_groups;
+      const int64_t img = blk / blocks_per_image, v0 = blk % blocks_per_image * item_size;
+      const int64_t count = std::min(item_size, per_image - v0);
+      const int64_t groups = (count + kGroupRows - 1) / kGroupRows;
+      a.resize(groups * taps);
+      strides.assign(groups * taps, c * static_cast<int64_t>(sizeof(uint16_t)));
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint16_t* first = xp + (img * hp * wpad + v0 + g * kGroupRows) * c;
+        for (int64_t t = 0; t < taps; ++t) {
+          a[g * taps + t] = first + tap_offsets[t];
+        }
+      }
+      rows.resize(count);
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t v = v0 + r, y = v / wpad, xx = v % wpad;
+        rows[r] = xx < q ? (img * p + y) * q + xx : -1;
+      }
+      const int64_t first_panel = kg * group_panels;
+      amx_bf16::gemm_panels(count, c, taps, a.data(), strides.data(), wp + first_panel * taps * c * kPanel,
+                            group_panels, op + first_panel * kPanel, k,
+                            amx_bf16::Epilogue{bp + first_panel * kPanel,
+                                               rp == nullptr ? nullptr : rp + first_panel * kPanel, k, relu,
+                                               rows.data()});
+    }
+    amx_bf16::release();
+  });
 }
 #endif
 
@@ -336,28 +426,40 @@ void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ker
               const at::Tensor& out, int64_t block, bool split_channels) {
 #if RF_HAVE_AMX
   TORCH_CHECK(can_run_amx(), "resnet_fused: the AMX implicit-GEMM convolution needs a CPU with AMX-BF16");
-  TORCH_CHECK(amx_bf16::fits(x.size(1), out.size(1)) && x.scalar_type() == at::kBFloat16 &&
-                  packed.scalar_type() == at::kBFloat16,
-              "resnet_fused: the AMX convolution takes bf16 with input channels a multiple of 32");
+  TORCH_CHECK(out.size(1) % kPanel == 0 && x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
+              "resnet_fused: the AMX convolution takes bf16 with output channels a multiple of 16");
   const int64_t k = out.size(1);
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.const_data_ptr<at::BFloat16>());
   const auto* rp =
       residual.has_value() ? reinterpret_cast<const uint16_t*>(residual->const_data_ptr<at::BFloat16>()) : nullptr;
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  // The tiles' sums start from the bias in fp32.
-  const at::Tensor bias32 = bias.to(at::kFloat).contiguous();
-  const float* bp = bias32.const_data_ptr<float>();
+  // The tiles' sums start from the bias in fp32. WHY a loop, not bias.to(kFloat): that ATen call
+  // took 5 us, a quarter of a millisecond over resnet50's 52 convs at batch 1.
+  std::vector<float> bias32(k);
+  const at::BFloat16* bias_bf16 = bias.const_data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < k; ++i) {
+    bias32[i] = static_cast<float>(bias_bf16[i]);
+  }
+  const float* bp = bias32.data();
+  const int64_t kh = kernel_size[0], kw = kernel_size[1];
+  if (stride[0] == 1 && stride[1] == 1 && kh * kw > 1 && x.size(1) % amx_bf16::kChunk == 0) {
+    conv_amx_padded(x, wp, bp, rp, relu, kernel_size, padding, op, k, block);
+    return;
+  }
   const auto gemm = [&](const Work<at::BFloat16>& item) {
     thread_local std::vector<const uint16_t*> a;
     thread_local std::vector<int64_t> strides;
     thread_local std::vector<uint16_t> gathered;
-    amx_rows(item, a, strides, gathered);
+    thread_local std::vector<int64_t> rows;
+    const AmxShape shape = amx_rows(item, a, strides, gathered);
+    rows.resize(item.count);
+    std::iota(rows.begin(), rows.end(), int64_t{0});
     const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
     amx_bf16::configure();
-    amx_bf16::gemm_panels(item.count, item.c, item.taps, a.data(), strides.data(),
-                          wp + item.first_panel * item.taps * item.c * kPanel, item.panels, op + offset, k,
+    amx_bf16::gemm_panels(item.count, shape.c, shape.taps, a.data(), strides.data(),
+                          wp + item.first_panel * shape.taps * shape.c * kPanel, item.panels, op + offset, k,
                           amx_bf16::Epilogue{bp + item.first_panel * kPanel, rp == nullptr ? nullptr : rp + offset, k,
-                                             relu});
+                                             relu, rows.data()});
   };
   for_each_work_item<at::BFloat16>(x, kernel_size, stride, padding, out, block, split_channels, true, gemm,
                                    [] { amx_bf16::release(); });
@@ -374,19 +476,40 @@ bool can_run_bf16() {
   return avx512_bf16::cpu_has_avx512_bf16();
 }
 
-at::Tensor pack_weight_bf16(const at::Tensor& weight) {
+namespace {
+
+// The bf16 packing with each tap's reduction padded with zero weights to a multiple of `multiple`;
+// with `side_by_side`, the taps' reductions first joined into one tap (the AMX core's taps of
+// channel counts that are not whole chunks, see amx_rows).
+at::Tensor pack_weight_bf16_padded(const at::Tensor& weight, int64_t multiple, bool side_by_side) {
   const int64_t k = weight.size(0), c = weight.size(1), r = weight.size(2), s = weight.size(3);
   // A few-channel input's filter rows are merged (one tap of S*C channels per filter row), so the
   // channel pairs run along that merged row: (K, R, S, C) is viewed as (K, taps, reduction).
   const bool merged = merges_filter_rows(c, s);
-  const int64_t taps = merged ? r : r * s, reduction = merged ? s * c : c;
+  int64_t taps = merged ? r : r * s, reduction = merged ? s * c : c;
+  if (side_by_side) {
+    reduction *= taps;
+    taps = 1;
+  }
   at::Tensor w = weight.to(at::kFloat).permute({0, 2, 3, 1}).reshape({k, taps, reduction});
-  if (reduction % 2 != 0) {
-    w = at::constant_pad_nd(w, {0, 1});  // the lone last channel's partner: a zero weight
+  if (reduction % multiple != 0) {
+    w = at::constant_pad_nd(w, {0, multiple - reduction % multiple});  // zero weights: the lone last channel's partner
   }
   // (K / 16, 16, taps, pairs, 2) -> (K / 16, taps, pairs, 16, 2)
   w = w.reshape({k / kPanel, kPanel, taps, w.size(2) / 2, 2}).permute({0, 2, 3, 1, 4});
   return w.to(at::kBFloat16).contiguous();
+}
+
+}  // namespace
+
+at::Tensor pack_weight_bf16(const at::Tensor& weight) {
+  return pack_weight_bf16_padded(weight, 2, false);
+}
+
+at::Tensor pack_weight_amx(const at::Tensor& weight) {
+  const int64_t c = weight.size(1), s = weight.size(3);
+  const int64_t reduction = merges_filter_rows(c, s) ? s * c : c;
+  return pack_weight_bf16_padded(weight, amx_bf16::kChunk, reduction % amx_bf16::kChunk != 0);
 }
 
 }  // namespace implicit_gemm

@@ -9,7 +9,6 @@
 // summation orders.
 
 #include "../common.h"
-#include "amx_gemm.h"
 #include "avx2_gemm.h"
 #include "avx512_gemm.h"
 #include "head.h"
@@ -474,8 +473,8 @@ bool is_low_precision(const at::Tensor& x) {
 
 // Our kernels that could compute this call, the one to use when forced first; empty if none. A bf16
 // call on a CPU with AVX512-BF16 has the kernels on bf16 operands first (Winograd F(2x2) for 3x3
-// stride 1, the implicit GEMM on AMX where the CPU has it and the channels fit, the implicit GEMM
-// on the AVX512-BF16 core), then the fp32 kernels on converted activations (F(4x4)'s 4x
+// stride 1, the implicit GEMM on AMX where the CPU has it, the implicit GEMM on the AVX512-BF16
+// core), then the fp32 kernels on converted activations (F(4x4)'s 4x
 // fewer multiply-adds can outweigh bf16's 2x rate). `cap`: own_isa_cap(), read once
 // per call by the caller.
 std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
@@ -486,8 +485,7 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
   }
   std::vector<Kernel> kernels;
   const bool bf16_core = x.scalar_type() == at::kBFloat16 && implicit_gemm::can_run_bf16() && cap != IsaCap::kAvx2;
-  const bool amx = bf16_core && cap == IsaCap::kNone && implicit_gemm::can_run_amx() &&
-                   amx_bf16::fits(weight.size(1), weight.size(0));
+  const bool amx = bf16_core && cap == IsaCap::kNone && implicit_gemm::can_run_amx();
   const int64_t r = weight.size(2), s = weight.size(3);
   const int tile = winograd_tile_setting();
   if (r == 3 && s == 3 && stride[0] == 1 && stride[1] == 1 && padding[0] == 1 && padding[1] == 1 && tile >= 0) {
@@ -643,8 +641,9 @@ at::Tensor packed_weight(const at::Tensor& weight, Kernel kernel) {
     case Kernel::kWinograd4:
       return own_kernel_weights().get(weight, key, [](const at::Tensor& w) { return winograd::transform_weight(w, 4); });
     case Kernel::kImplicitGemmBf16:
-    case Kernel::kImplicitGemmAmx:  // the same packing, cached under its own key (the loser's is dropped)
       return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight_bf16);
+    case Kernel::kImplicitGemmAmx:
+      return own_kernel_weights().get(weight, key, implicit_gemm::pack_weight_amx);
     case Kernel::kWinograd2Bf16:
       return own_kernel_weights().get(weight, key, winograd::transform_weight_bf16);
     default:
