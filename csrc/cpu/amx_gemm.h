@@ -89,6 +89,25 @@ struct Epilogue {
 #if RF_HAVE_AMX
 RF_TARGET_REGION_BEGIN_AMX
 
+// One pixel's taps (`taps` rows of `c` channels at rows[0], rows[1], ...) side by side at dst,
+// zero-padded to `padded_c`: masked 64-byte moves, where a memcpy per tap of the stem's 42 bytes
+// and a memset cost more than the copying.
+inline void copy_taps(uint16_t* dst, const uint16_t* const* rows, int64_t taps, int64_t c, int64_t padded_c) {
+  int64_t at = 0;
+  for (int64_t t = 0; t < taps; ++t) {
+    for (int64_t i = 0; i < c; i += kChunk) {
+      const __mmask32 mask = _cvtu32_mask32(c - i >= kChunk ? 0xFFFFFFFFu : (1u << (c - i)) - 1);
+      _mm512_mask_storeu_epi16(dst + at + i, mask, _mm512_maskz_loadu_epi16(mask, rows[t] + i));
+    }
+    at += c;
+  }
+  for (; at < padded_c; at += kChunk) {
+    const int64_t left = padded_c - at;
+    const __mmask32 mask = _cvtu32_mask32(left >= kChunk ? 0xFFFFFFFFu : (1u << left) - 1);
+    _mm512_mask_storeu_epi16(dst + at, mask, _mm512_setzero_si512());
+  }
+}
+
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;

@@ -15,6 +15,7 @@
 #include "amx_gemm.h"
 #include "avx2_gemm.h"
 #include "avx512_gemm.h"
+#include "output_pool.h"
 #include "parallel_items.h"
 
 #include <ATen/Parallel.h>
@@ -23,7 +24,6 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
-#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -54,14 +54,16 @@ bool merges_filter_rows(int64_t channels, int64_t kernel_w) {
 
 // x (dense channels_last) with pad_h zero rows above and below and pad_w zero pixels left and
 // right, in one pass of row writes, as a flat buffer of its (n, h + 2 pad_h, w + 2 pad_w, c)
-// elements and `slack` zero pixels after them (for reads past the end that are never used).
-// WHY not zero_() and a copy into the middle: at batch 1 those ATen calls (a fill, two narrows, a
+// elements and `slack` zero pixels after them (for reads past the end that are never used), from
+// the output pool (output_pool.h: a fresh 3 MB block page-faulted in every call made the AMX 3x3
+// convs of a batch-8 forward 2x slower than alone). WHY not zero_() and a copy into the middle: at batch 1 those ATen calls (a fill, two narrows, a
 // strided copy) took about 80 us of a forward, profiled.
 template <typename T>
 at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w, int64_t slack = 0) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t ph = h + 2 * pad_h, pw = w + 2 * pad_w;
-  at::Tensor out = at::empty({(n * ph * pw + slack) * c}, x.options().memory_format(c10::MemoryFormat::Contiguous));
+  // (1, c, 1, pixels) in channels_last: the pixels' channels one after the other.
+  at::Tensor out = pooled_empty_channels_last({1, c, 1, n * ph * pw + slack}, x.options());
   const T* xp = x.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
   std::fill_n(op + n * ph * pw * c, slack * c, T(0));
@@ -262,14 +264,9 @@ AmxShape amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& 
       }
       uint16_t* copy = gathered.data() + at * kGroupRows * shape.c;
       for (int64_t r = 0; r < kGroupRows; ++r) {
-        uint16_t* dst = copy + r * shape.c;
-        int64_t kept = 0;
-        if (r < rows) {
-          for (int64_t u = side_by_side ? 0 : t; u < (side_by_side ? taps : t + 1); ++u, kept += c) {
-            std::memcpy(dst + kept, row(first + r, u), c * sizeof(uint16_t));
-          }
-        }
-        std::memset(dst + kept, 0, (shape.c - kept) * sizeof(uint16_t));
+        // Rows past the item's last pixel: no taps, all zeros.
+        const auto* from = reinterpret_cast<const uint16_t* const*>(item.rows + (first + std::min(r, rows - 1)) * taps + t);
+        amx_bf16::copy_taps(copy + r * shape.c, from, r < rows ? (side_by_side ? taps : 1) : 0, c, shape.c);
       }
       a[at] = copy;
       stride[at] = shape.c * static_cast<int64_t>(sizeof(uint16_t));
