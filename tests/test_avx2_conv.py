@@ -277,7 +277,8 @@ def test_low_precision_skips_atens_fallback_in_the_timing(dtype, monkeypatch):
     assert_close(conv(x, weight, bias, residual, relu), reference(x, weight, bias, residual, relu))
     prefix = f"x 1x16x5x9, weight 32x16x3x3, stride 1, padding 1, residual, {'BFloat16' if dtype == torch.bfloat16 else 'Half'},"
     lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
-    assert len(lines) == 1 and lines[0].split(": ")[1].startswith(("winograd_", "implicit_gemm_bf16")), lines
+    native = ("winograd_", "implicit_gemm_bf16", "implicit_gemm_amx")
+    assert len(lines) == 1 and lines[0].split(": ")[1].startswith(native), lines
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")

@@ -10,11 +10,13 @@
 //
 // Tiles: 0-3 the sums of 2 row groups (16 output pixels each) x 2 panels (16 output channels
 // each); 4-5 the row groups' 32 input channels of one tap; 6-7 the panels' weights for those
-// channels. The weight is the bf16 core's packing, (K / 16, taps, C / 2, 16, 2): the 16 channel
-// pairs of a 32-channel chunk of a tap are 16 rows of 64 bytes, a B tile as it lies. A tile's 16
-// rows are read at one stride: a row group of a tap is read in place where its 16 input rows are
-// evenly spaced (a 1x1 stride-1 conv; a run inside one row of the map), else from a copy
-// (gather_rows). The sums start from the bias, read as a tile of 16 equal rows (stride 0).
+// channels. The weight is the bf16 core's packing, (K / 16, taps, C / 2, 16, 2) (implicit_gemm.h
+// pack_weight_amx): the 16 channel pairs of a 32-channel chunk of a tap are 16 rows of 64 bytes, a
+// B tile as it lies. A tile's 16 rows are read at one stride, so the callers
+// (implicit_gemm_cpu.cpp) hand each row group's tap as a pointer and a stride: in place where its
+// 16 input rows are evenly spaced (a 1x1 stride-1 conv; a 3x3 stride-1 conv over a zero-padded copy
+// of its input, conv_amx_padded), else rows copied (amx_rows, copy_taps). The sums start from the
+// bias, read as a tile of 16 equal rows (stride 0); the epilogue places each row by a row map.
 //
 // Linux only: a process must ask the kernel for the tile state before its first tile instruction
 // (arch_prctl ARCH_REQ_XCOMP_PERM); cpu_has_amx_bf16() does, once. Each thread loads the tile
@@ -23,8 +25,8 @@
 
 #include "avx2_gemm.h"
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #if RF_HAVE_X86 && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
 #define RF_HAVE_AMX 1

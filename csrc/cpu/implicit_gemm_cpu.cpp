@@ -52,6 +52,28 @@ bool merges_filter_rows(int64_t channels, int64_t kernel_w) {
   return kernel_w > 1 && channels < kMergeRowsBelowChannels;
 }
 
+// How many groups the output channels' panels are split into, so that a few pixel blocks (a 7x7
+// map at batch 1) still give every thread several work items; no work is duplicated by the split.
+int64_t panel_groups(int64_t blocks, int64_t panels, int64_t threads) {
+  int64_t groups = 1;
+  while (blocks * groups < 4 * threads && panels % (groups * 2) == 0) {
+    groups *= 2;
+  }
+  return groups;
+}
+
+// Tap (i, j)'s input row, in elements from the pixel under tap (0, 0): input rows `width` pixels
+// of `pixel_stride` elements.
+std::vector<int64_t> tap_offsets(int64_t kh, int64_t kw, int64_t width, int64_t pixel_stride) {
+  std::vector<int64_t> offsets(kh * kw);
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      offsets[i * kw + j] = (i * width + j) * pixel_stride;
+    }
+  }
+  return offsets;
+}
+
 // x (dense channels_last) with pad_h zero rows above and below and pad_w zero pixels left and
 // right, in one pass of row writes, as a flat buffer of its (n, h + 2 pad_h, w + 2 pad_w, c)
 // elements and `slack` zero pixels after them (for reads past the end that are never used), from
@@ -123,25 +145,11 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   const avx2::Blocks split(pixels, std::min(block, pixels), by_channels ? 1 : threads);
   const int64_t blocks = split.count();
   const int64_t panels = k / kPanel;
-  int64_t k_groups = threads;
-  if (!by_channels) {
-    // Output channels are split too, so that a small map (7x7 at batch 1) still gives every thread
-    // several work items; no work is duplicated by the split.
-    k_groups = 1;
-    while (blocks * k_groups < 4 * threads && panels % (k_groups * 2) == 0) {
-      k_groups *= 2;
-    }
-  }
+  const int64_t k_groups = by_channels ? threads : panel_groups(blocks, panels, threads);
   const int64_t group_panels = panels / k_groups;
   const T* xp = input.const_data_ptr<T>();
   const int64_t stride_h = stride[0], stride_w = stride[1];
-  // Tap (i, j)'s input row, in elements from the pixel under tap (0, 0).
-  std::vector<int64_t> tap_offsets(taps);
-  for (int64_t i = 0; i < kh; ++i) {
-    for (int64_t j = 0; j < kw; ++j) {
-      tap_offsets[i * kw + j] = (i * w + j) * pixel_stride;
-    }
-  }
+  const std::vector<int64_t> offsets_of_taps = tap_offsets(kh, kw, w, pixel_stride);
   parallel_items(blocks * k_groups, [&](const auto& claim) {
     thread_local std::vector<const T*> rows;
     thread_local std::vector<T> zero;
@@ -149,7 +157,7 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
     zero.assign(c, T(0));
     const T** row = rows.data();
     const T* const zero_row = zero.data();
-    const int64_t* const offsets = tap_offsets.data();
+    const int64_t* const offsets = offsets_of_taps.data();
     for (int64_t item = 0; claim(item);) {
       // Items in order: by channels, thread t gets group t with every block (its share of the
       // weight read once); by pixels, a thread's items are whole blocks with each of their groups.
@@ -276,9 +284,9 @@ AmxShape amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& 
 }
 
 // conv_amx for a stride-1 KxK convolution of whole 32-channel chunks, with no copies of rows: over
-// a zero-padded copy of the input, output pixel (y, x) of an image is virtual pixel v = y * wp + x
-// (wp the padded width) and its tap (i, j) input pixel v + i * wp + j, so 16 consecutive virtual
-// pixels read each tap at one stride. The virtual pixels x >= the output width (wp - q of each row
+// a zero-padded copy of the input, output pixel (y, x) of an image is virtual pixel v = y * wpad + x
+// (wpad the padded width) and its tap (i, j) input pixel v + i * wpad + j, so 16 consecutive virtual
+// pixels read each tap at one stride. The virtual pixels x >= the output width (wpad - q of each row
 // but the last) are summed and never stored. WHY: with the rows copied wherever a row group crossed
 // a map row or the padding (amx_rows), 3x3 convs ran 1.2-1.5x slower (Intel Xeon with AMX, 2
 // threads, hot: 64 channels at 56x56 0.142 -> 0.093 ms, 256 at 14x14 0.154 -> 0.101, 512 at 7x7
@@ -299,17 +307,8 @@ void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, c
   const int64_t item_size = std::max<int64_t>(2 * kGroupRows, block / (2 * kGroupRows) * (2 * kGroupRows));
   const int64_t blocks_per_image = (per_image + item_size - 1) / item_size, blocks = n * blocks_per_image;
   const int64_t panels = k / kPanel;
-  int64_t k_groups = 1;
-  while (blocks * k_groups < 4 * threads && panels % (k_groups * 2) == 0) {
-    k_groups *= 2;
-  }
-  const int64_t group_panels = panels / k_groups;
-  std::vector<int64_t> tap_offsets(taps);
-  for (int64_t i = 0; i < kh; ++i) {
-    for (int64_t j = 0; j < kw; ++j) {
-      tap_offsets[i * kw + j] = (i * wpad + j) * c;
-    }
-  }
+  const int64_t k_groups = panel_groups(blocks, panels, threads), group_panels = panels / k_groups;
+  const std::vector<int64_t> offsets = tap_offsets(kh, kw, wpad, c);
   parallel_items(blocks * k_groups, [&](const auto& claim) {
     thread_local std::vector<const uint16_t*> a;
     thread_local std::vector<int64_t> strides;
@@ -325,7 +324,7 @@ void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, c
       for (int64_t g = 0; g < groups; ++g) {
         const uint16_t* first = xp + (img * hp * wpad + v0 + g * kGroupRows) * c;
         for (int64_t t = 0; t < taps; ++t) {
-          a[g * taps + t] = first + tap_offsets[t];
+          a[g * taps + t] = first + offsets[t];
         }
       }
       rows.resize(count);

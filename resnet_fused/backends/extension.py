@@ -178,7 +178,8 @@ def build_info() -> dict | None:
 def cpu_conv_choices() -> list[str]:
     """The kernel the CPU path's per-shape timing chose for each conv shape this process has run
     (``direct``, ``winograd_f2x2``, ``winograd_f4x4``, ``implicit_gemm`` or, on the bf16 core,
-    ``implicit_gemm_bf16`` and ``winograd_f2x2_bf16``, with its block, ``brgemm`` where the GEMMs
+    ``implicit_gemm_bf16`` and ``winograd_f2x2_bf16``, or on AMX tiles ``implicit_gemm_amx``, with
+    its block, ``brgemm`` where the GEMMs
     run on it and ``split channels`` where the threads share the output channels), one line per
     shape; empty when ``_C`` is not loaded or nothing was timed. Each call of one of these kernels
     is also a profiler scope named after it (``torch.profiler``), inside
