@@ -3,12 +3,13 @@ Sapphire Rapids on): bf16 operands, fp32 sums in the tiles started from the bias
 fp32 and one rounding to bf16, for bf16 convs (a tap's channels zero-padded to whole 32-channel
 chunks where they are not). RESNET_FUSED_AVX2_CONV=1 picks it first (3x3 stride 1 too, with
 RESNET_FUSED_WINOGRAD_TILE=off); RESNET_FUSED_CPU_ISA=avx512 takes it out. Skipped, saying so, where
-the CPU lacks AMX-BF16: there it is never a candidate, and the bf16 core it shares its packing,
-rows and epilogue with is tested by test_avx512_bf16_conv.py."""
+the CPU lacks AMX-BF16, unless RESNET_FUSED_AMX_EMULATE=1 replaces the tile instructions by scalar
+code (CPUs with AVX512-BF16): test_avx512_bf16_conv.py runs this file so on every such CPU."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -23,10 +24,12 @@ from test_avx2_conv import FLAGS, conv, own_kernel_ran, reference
 from test_avx512_bf16_conv import bf16_case, kernel_ran
 from utils import assert_close, assert_within_eager_error
 
+EMULATED = os.environ.get("RESNET_FUSED_AMX_EMULATE") == "1" and "avx512_bf16" in bench.cpu_flags()
 pytestmark = [
     pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded"),
-    pytest.mark.skipif(not {"amx_tile", "amx_bf16"} <= set(bench.cpu_flags()),
-                       reason="this CPU has no AMX-BF16: the AMX kernel never runs here"),
+    pytest.mark.skipif(not {"amx_tile", "amx_bf16"} <= set(bench.cpu_flags()) and not EMULATED,
+                       reason="this CPU has no AMX-BF16: the AMX kernel never runs here "
+                              "(test_avx512_bf16_conv.py runs these tests on emulated tiles)"),
 ]
 
 KERNEL = "implicit_gemm_amx"
@@ -142,6 +145,7 @@ def test_isa_switch_takes_amx_out(amx, monkeypatch):
     assert kernel_ran(call, "implicit_gemm_bf16") and not own_kernel_ran(call, KERNEL)
 
 
+@pytest.mark.skipif(EMULATED, reason="the emulated tiles are scalar code: timing would never pick them")
 def test_amx_wins_the_timing_of_a_wide_conv(monkeypatch, nan_filled_empty_exact_fp32):
     """Timed (no switch), a 1x1 conv over 512 channels, where the tiles have the most to win (5-7x
     the AVX512-BF16 core hot on the Xeon measured, 1.5-4x oneDNN's AMX call): AMX is chosen, and the

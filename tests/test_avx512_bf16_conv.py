@@ -10,6 +10,10 @@ candidates (test_avx2_conv.py covers what such CPUs run)."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +191,16 @@ def test_bf16_model_on_the_bf16_core(arch, winograd, native, monkeypatch):
         ref = copy.deepcopy(model).double()(x.double())
     verdict = judge(out, eager, ref)
     assert verdict.ok, verdict
+
+
+def test_amx_kernel_on_emulated_tiles():
+    """The AMX implicit GEMM's row handling (rows in place or copied, the padded input, taps side by
+    side, the row map, the epilogue) on any CPU with AVX512-BF16: tests/test_amx_conv.py in a fresh
+    process with RESNET_FUSED_AMX_EMULATE=1 (read once per process), the tile instructions replaced
+    by scalar code computing the same sums."""
+    tests = Path(__file__).parent
+    env = dict(os.environ, RESNET_FUSED_AMX_EMULATE="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_amx_conv.py")],
+                          env=env, cwd=tests.parent, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-1000:]

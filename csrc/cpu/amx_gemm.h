@@ -27,6 +27,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #if RF_HAVE_X86 && defined(__linux__) && (defined(__clang__) || __GNUC__ >= 11)
 #define RF_HAVE_AMX 1
@@ -53,10 +56,28 @@ namespace amx_bf16 {
 constexpr int kGroupRows = 16;   // output pixels per row group (a tile's rows)
 constexpr int kChunk = 32;       // input channels per tile step (a tile row's 64 bytes of bf16)
 
-// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them.
+// RESNET_FUSED_AMX_EMULATE=1 (read once, for tests): the tile instructions replaced by scalar code
+// computing the same sums (tile_sums_emulated), on any CPU with AVX512-BF16 (the epilogue's
+// instructions), so that the row handling around the tiles (in-place and copied row groups, the
+// padded input, the row map) is tested on CPUs without AMX too. Far too slow for anything else.
+inline bool emulated() {
+#if RF_HAVE_AMX
+  static const bool on = [] {
+    const char* value = std::getenv("RESNET_FUSED_AMX_EMULATE");
+    return value != nullptr && std::string(value) == "1" && avx2::cpu_has_avx2_fma() &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this process use them (or the tiles
+// are emulated).
 inline bool cpu_has_amx_bf16() {
 #if RF_HAVE_AMX
-  static const bool ok = [] {
+  static const bool ok = emulated() || [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) {
       return false;
@@ -120,6 +141,9 @@ struct alignas(64) TileConfig {
 
 // Every tile 16 rows of 64 bytes, for this thread until release().
 inline void configure() {
+  if (emulated()) {
+    return;
+  }
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.bytes_per_row[t] = 64;
@@ -132,15 +156,17 @@ inline void configure() {
 }
 
 inline void release() {
-  _tile_release();
+  if (!emulated()) {
+    _tile_release();
+  }
 }
 
 // G row groups x P panels of sums, over `taps` taps of `chunks` 32-channel chunks: group g's rows
 // of tap t start at a[g * taps + t], `stride[g * taps + t]` bytes apart; panel p's weights at
 // w + p * panel_stride. Stored raw (fp32, 16 x 16 per tile) to sums[g][p].
 template <int G, int P>
-inline void tile_sums(int64_t taps, int64_t chunks, const uint16_t* const* a, const int64_t* stride,
-                      const uint16_t* w, int64_t panel_stride, const float* bias, float (*sums)[2][256]) {
+inline void tile_sums_amx(int64_t taps, int64_t chunks, const uint16_t* const* a, const int64_t* stride,
+                          const uint16_t* w, int64_t panel_stride, const float* bias, float (*sums)[2][256]) {
   _tile_loadd(0, bias, 0);
   if constexpr (P == 2) {
     _tile_loadd(1, bias + avx2::kPanel, 0);
@@ -183,6 +209,47 @@ inline void tile_sums(int64_t taps, int64_t chunks, const uint16_t* const* a, co
     if constexpr (P == 2) {
       _tile_stored(3, sums[1][1], 64);
     }
+  }
+}
+
+// tile_sums_amx's sums in scalar code, reading the same rows and weights (see emulated()).
+template <int G, int P>
+inline void tile_sums_emulated(int64_t taps, int64_t chunks, const uint16_t* const* a, const int64_t* stride,
+                               const uint16_t* w, int64_t panel_stride, const float* bias, float (*sums)[2][256]) {
+  const auto widen = [](uint16_t v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  };
+  for (int g = 0; g < G; ++g) {
+    for (int p = 0; p < P; ++p) {
+      for (int r = 0; r < kGroupRows; ++r) {
+        for (int col = 0; col < avx2::kPanel; ++col) {
+          float sum = bias[p * avx2::kPanel + col];
+          for (int64_t t = 0; t < taps; ++t) {
+            const auto* row = reinterpret_cast<const uint16_t*>(reinterpret_cast<const char*>(a[g * taps + t]) +
+                                                                r * stride[g * taps + t]);
+            const uint16_t* wt = w + p * panel_stride + t * chunks * kChunk * avx2::kPanel;
+            for (int64_t i = 0; i < chunks * kChunk; ++i) {
+              sum += widen(row[i]) * widen(wt[(i / 2) * 2 * avx2::kPanel + col * 2 + i % 2]);
+            }
+          }
+          sums[g][p][r * avx2::kPanel + col] = sum;
+        }
+      }
+    }
+  }
+}
+
+// G row groups x P panels of sums (see tile_sums_amx), on the tiles or emulated.
+template <int G, int P>
+inline void tile_sums(int64_t taps, int64_t chunks, const uint16_t* const* a, const int64_t* stride,
+                      const uint16_t* w, int64_t panel_stride, const float* bias, float (*sums)[2][256]) {
+  if (emulated()) {
+    tile_sums_emulated<G, P>(taps, chunks, a, stride, w, panel_stride, bias, sums);
+  } else {
+    tile_sums_amx<G, P>(taps, chunks, a, stride, w, panel_stride, bias, sums);
   }
 }
 
