@@ -375,7 +375,7 @@ constexpr const char* kCpuIsaEnv = "RESNET_FUSED_CPU_ISA";
 // kImplicitGemmBf16: the implicit GEMM on bf16 operands with AVX512-BF16 (avx512_gemm.h);
 // kWinograd2Bf16: F(2x2, 3x3) with its transformed points rounded to bf16 for the same GEMM core
 // (transforms in fp32); kImplicitGemmAmx: the implicit GEMM on bf16 operands with AMX tiles
-// (amx_gemm.h), the same packed weight; the others compute in fp32.
+// (amx_gemm.h; its weight from implicit_gemm::pack_weight_amx); the others compute in fp32.
 // The values are saved in tuning files (resnet_fused/tuning.py): append, never renumber (or bump its VERSION).
 enum class Kernel { kDirect, kWinograd2, kWinograd4, kImplicitGemm, kImplicitGemmBf16, kWinograd2Bf16, kImplicitGemmAmx };
 constexpr Kernel kLastKernel = Kernel::kImplicitGemmAmx;
