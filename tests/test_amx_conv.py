@@ -160,8 +160,8 @@ def test_amx_wins_the_timing_of_a_wide_conv(monkeypatch, nan_filled_empty_exact_
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_bf16_model_on_amx(arch, amx):
-    """A whole bf16 model, every conv with whole 32-channel chunks on AMX (the stem's 3 channels on
-    the bf16 core): within twice eager bf16's error."""
+    """A whole bf16 model with every conv on AMX (the stem's merged taps side by side): within twice
+    eager bf16's error."""
     model = random_model(arch, calibration_size=16)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
     fused = resnet_fused.fuse(model, backend="extension", dtype=torch.bfloat16)
