@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace resnet_fused {
@@ -62,6 +63,13 @@ int64_t panel_groups(int64_t blocks, int64_t panels, int64_t threads) {
   return groups;
 }
 
+// Work item `item`'s pixel block and panel group. By channels, thread t's first items (parallel_items
+// hands each thread a contiguous run) are group t with every block: its share of the weight read
+// once; by pixels, whole blocks with each of their groups.
+std::pair<int64_t, int64_t> block_and_group(int64_t item, bool by_channels, int64_t blocks, int64_t k_groups) {
+  return by_channels ? std::make_pair(item % blocks, item / blocks) : std::make_pair(item / k_groups, item % k_groups);
+}
+
 // Tap (i, j)'s input row, in elements from the pixel under tap (0, 0): input rows `width` pixels
 // of `pixel_stride` elements.
 std::vector<int64_t> tap_offsets(int64_t kh, int64_t kw, int64_t width, int64_t pixel_stride) {
@@ -78,8 +86,8 @@ std::vector<int64_t> tap_offsets(int64_t kh, int64_t kw, int64_t width, int64_t 
 // right, in one pass of row writes, as a flat buffer of its (n, h + 2 pad_h, w + 2 pad_w, c)
 // elements and `slack` zero pixels after them (for reads past the end that are never used), from
 // the output pool (output_pool.h: a fresh 3 MB block page-faulted in every call made the AMX 3x3
-// convs of a batch-8 forward 2x slower than alone). WHY not zero_() and a copy into the middle: at batch 1 those ATen calls (a fill, two narrows, a
-// strided copy) took about 80 us of a forward, profiled.
+// convs of a batch-8 forward 2x slower than alone). WHY not zero_() and a copy into the middle: at
+// batch 1 those ATen calls (a fill, two narrows, a strided copy) took about 80 us of a forward.
 template <typename T>
 at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w, int64_t slack = 0) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
@@ -159,10 +167,7 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
     const T* const zero_row = zero.data();
     const int64_t* const offsets = offsets_of_taps.data();
     for (int64_t item = 0; claim(item);) {
-      // Items in order: by channels, thread t gets group t with every block (its share of the
-      // weight read once); by pixels, a thread's items are whole blocks with each of their groups.
-      const int64_t blk = by_channels ? item % blocks : item / k_groups;
-      const int64_t kg = by_channels ? item / blocks : item % k_groups;
+      const auto [blk, kg] = block_and_group(item, by_channels, blocks, k_groups);
       const int64_t t0 = split.begin(blk), count = split.size(blk);
       if (need_rows) {
         // The block's pixels walked in order from its first one's coordinates, interior pixels'
@@ -292,8 +297,10 @@ AmxShape amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& 
 // threads, hot: 64 channels at 56x56 0.142 -> 0.093 ms, 256 at 14x14 0.154 -> 0.101, 512 at 7x7
 // 0.208 -> 0.177), though 7x7 maps sum 20% more pixels this way.
 // `block`: virtual pixels per work item, rounded down to whole pairs of row groups (at least one).
+// `split_channels` as for conv().
 void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, const uint16_t* rp, bool relu,
-                     at::IntArrayRef kernel_size, at::IntArrayRef padding, uint16_t* op, int64_t k, int64_t block) {
+                     at::IntArrayRef kernel_size, at::IntArrayRef padding, uint16_t* op, int64_t k, int64_t block,
+                     bool split_channels) {
   using amx_bf16::kGroupRows;
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t kh = kernel_size[0], kw = kernel_size[1];
@@ -307,7 +314,9 @@ void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, c
   const int64_t item_size = std::max<int64_t>(2 * kGroupRows, block / (2 * kGroupRows) * (2 * kGroupRows));
   const int64_t blocks_per_image = (per_image + item_size - 1) / item_size, blocks = n * blocks_per_image;
   const int64_t panels = k / kPanel;
-  const int64_t k_groups = panel_groups(blocks, panels, threads), group_panels = panels / k_groups;
+  const bool by_channels = split_channels && can_split_channels(k, threads);
+  const int64_t k_groups = by_channels ? threads : panel_groups(blocks, panels, threads);
+  const int64_t group_panels = panels / k_groups;
   const std::vector<int64_t> offsets = tap_offsets(kh, kw, wpad, c);
   parallel_items(blocks * k_groups, [&](const auto& claim) {
     thread_local std::vector<const uint16_t*> a;
@@ -315,7 +324,7 @@ void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, c
     thread_local std::vector<int64_t> rows;
     amx_bf16::configure();
     for (int64_t item = 0; claim(item);) {
-      const int64_t blk = item / k_groups, kg = item % k_groups;
+      const auto [blk, kg] = block_and_group(item, by_channels, blocks, k_groups);
       const int64_t img = blk / blocks_per_image, v0 = blk % blocks_per_image * item_size;
       const int64_t count = std::min(item_size, per_image - v0);
       const int64_t groups = (count + kGroupRows - 1) / kGroupRows;
@@ -439,7 +448,7 @@ void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ker
   const float* bp = bias32.data();
   const int64_t kh = kernel_size[0], kw = kernel_size[1];
   if (stride[0] == 1 && stride[1] == 1 && kh * kw > 1 && x.size(1) % amx_bf16::kChunk == 0) {
-    conv_amx_padded(x, wp, bp, rp, relu, kernel_size, padding, op, k, block);
+    conv_amx_padded(x, wp, bp, rp, relu, kernel_size, padding, op, k, block, split_channels);
     return;
   }
   const auto gemm = [&](const Work<at::BFloat16>& item) {
@@ -448,8 +457,10 @@ void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ker
     thread_local std::vector<uint16_t> gathered;
     thread_local std::vector<int64_t> rows;
     const AmxShape shape = amx_rows(item, a, strides, gathered);
-    rows.resize(item.count);
-    std::iota(rows.begin(), rows.end(), int64_t{0});
+    if (static_cast<int64_t>(rows.size()) < item.count) {  // row i stored at row i; kept for the next items
+      rows.resize(item.count);
+      std::iota(rows.begin(), rows.end(), int64_t{0});
+    }
     const int64_t offset = item.first_pixel * k + item.first_panel * kPanel;
     amx_bf16::configure();
     amx_bf16::gemm_panels(item.count, shape.c, shape.taps, a.data(), strides.data(),
