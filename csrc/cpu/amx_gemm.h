@@ -317,8 +317,8 @@ inline void block_store(const Block& b, const float (*sums)[2][256], int64_t ld_
 
 // The whole GEMM of a work item: `count` rows whose row groups' tap rows are given by `a` and
 // `stride` (groups * taps of each, see tile_sums), `panels` panels from `panel` ((taps, C/2, 16, 2)
-// each, consecutive), out rows ld_out apart, placed by e.rows. Panel pairs outer, so a pair's weights are read from
-// memory once per item and the rows (a few hundred KiB at most) come from L2.
+// each, consecutive), out rows ld_out apart, placed by e.rows. Panel pairs outer, so a pair's
+// weights are read from memory once per item and the rows (a few hundred KiB at most) come from L2.
 inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const uint16_t* const* a, const int64_t* stride,
                         const uint16_t* panel, int64_t panels, uint16_t* out, int64_t ld_out, const Epilogue& e) {
   const int64_t chunks = c / kChunk, panel_size = taps * c * avx2::kPanel;

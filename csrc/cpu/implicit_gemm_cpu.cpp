@@ -278,7 +278,8 @@ AmxShape amx_rows(const Work<at::BFloat16>& item, std::vector<const uint16_t*>& 
       uint16_t* copy = gathered.data() + at * kGroupRows * shape.c;
       for (int64_t r = 0; r < kGroupRows; ++r) {
         // Rows past the item's last pixel: no taps, all zeros.
-        const auto* from = reinterpret_cast<const uint16_t* const*>(item.rows + (first + std::min(r, rows - 1)) * taps + t);
+        const int64_t pixel = first + std::min(r, rows - 1);
+        const auto* from = reinterpret_cast<const uint16_t* const*>(item.rows + pixel * taps + t);
         amx_bf16::copy_taps(copy + r * shape.c, from, r < rows ? (side_by_side ? taps : 1) : 0, c, shape.c);
       }
       a[at] = copy;
