@@ -653,6 +653,50 @@ def test_pool_reuses_a_freed_output(forced):
     assert_close(second, reference(x2, weight2, bias2, residual2, relu))
 
 
+def empty_pool(monkeypatch):
+    """Drops every free block (a call with the budget at 0 trims them all), then restores the default."""
+    monkeypatch.setenv(extension.CPU_POOL_ENV, "0")
+    x, weight, bias, residual, relu = make_case(*POOL_CASE, "channels_last")
+    conv(x, weight, bias, residual, relu)
+    monkeypatch.delenv(extension.CPU_POOL_ENV)
+    assert pool_bytes(in_use=False) == 0
+
+
+def conv_output(h, seed):
+    """A fresh (8, 32, h, h) conv output, checked against the float64 reference."""
+    x, weight, bias, residual, relu = make_case((8, 16, 32, h, h), (True, True, True), "channels_last", seed=seed)
+    out = conv(x, weight, bias, residual, relu)
+    assert_close(out, reference(x, weight, bias, residual, relu))
+    return out
+
+
+def test_pool_serves_a_smaller_output_from_the_smallest_free_block_that_holds_it(monkeypatch, forced):
+    # Under the `forced` fixture new and reused blocks read as NaN until written, so assert_close
+    # also sees that every element of the smaller output in the larger block was written.
+    empty_pool(monkeypatch)
+    # data_ptr() of the tensors (their storage offset is 0): a Python storage object made by
+    # untyped_storage() would hold the block until the garbage collector ran.
+    large, medium = conv_output(24, seed=1), conv_output(20, seed=2)
+    large_block, medium_block = large.data_ptr(), medium.data_ptr()
+    del large, medium
+    small = conv_output(16, seed=3)  # 256 KiB in the 400 KiB block, not the 576 KiB one
+    assert small.data_ptr() == medium_block
+    assert small.is_contiguous(memory_format=torch.channels_last)
+    next_small = conv_output(16, seed=4)  # the medium block is held: the large one
+    assert next_small.data_ptr() == large_block
+    assert pool_bytes(in_use=True) == (24 * 24 + 20 * 20) * 8 * 32 * 4
+
+
+def test_pool_never_serves_an_output_from_a_block_over_four_times_its_size(monkeypatch, forced):
+    empty_pool(monkeypatch)
+    large = conv_output(24, seed=1)
+    block = large.data_ptr()
+    del large
+    tiny = conv_output(8, seed=2)  # 64 KiB: the 576 KiB block is 9 times that
+    assert tiny.data_ptr() != block
+    assert pool_bytes(in_use=False) == 24 * 24 * 8 * 32 * 4
+
+
 @pytest.mark.parametrize("held", ["tensor", "view"])
 def test_pool_never_hands_out_a_held_output(held, forced):
     x, weight, bias, residual, relu = make_case(*POOL_CASE, "channels_last")

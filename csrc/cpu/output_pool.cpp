@@ -18,6 +18,7 @@ namespace {
 
 constexpr const char* kPoolEnv = "RESNET_FUSED_CPU_POOL_MB";
 constexpr int64_t kDefaultBudgetMb = 1024;
+constexpr size_t kMaxOversize = 4;
 
 // Read per call, as the other switches are, so a server can change it without a restart.
 int64_t budget_bytes() {
@@ -80,22 +81,30 @@ at::Tensor pooled_empty_channels_last(c10::IntArrayRef sizes, const at::TensorOp
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   {
     std::lock_guard<std::mutex> lock(p.mutex);
+    // The smallest free block that holds the request (the most recently used of equal ones), not
+    // only one of the same size, and none over kMaxOversize times as large: see output_pool.h.
+    auto fit = p.blocks.end();
     for (auto it = p.blocks.begin(); it != p.blocks.end(); ++it) {
-      if (is_free(*it) && it->nbytes() == nbytes) {
-        p.blocks.splice(p.blocks.begin(), p.blocks, it);
-        // The tensor made around the block directly, as at::empty makes its own: at::empty({0})
-        // and set_ are two dispatcher calls, 3 us a conv when profiled cold in a forward.
-        at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(
-            c10::Storage(p.blocks.front()), c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
-        out.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, c10::get_channels_last_strides_2d(sizes));
-        // As at::empty does: deterministic mode asks for uninitialised memory to read as NaN, which
-        // is how the tests see an output element that a kernel never wrote.
-        const auto& context = at::globalContext();
-        if (context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory()) {
-          out.fill_(std::numeric_limits<double>::quiet_NaN());
-        }
-        return out;
+      const size_t size = it->nbytes();
+      if (is_free(*it) && size >= nbytes && size <= kMaxOversize * nbytes &&
+          (fit == p.blocks.end() || size < fit->nbytes())) {
+        fit = it;
       }
+    }
+    if (fit != p.blocks.end()) {
+      p.blocks.splice(p.blocks.begin(), p.blocks, fit);
+      // The tensor made around the block directly, as at::empty makes its own: at::empty({0})
+      // and set_ are two dispatcher calls, 3 us a conv when profiled cold in a forward.
+      at::Tensor out = at::detail::make_tensor<c10::TensorImpl>(
+          c10::Storage(p.blocks.front()), c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
+      out.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, c10::get_channels_last_strides_2d(sizes));
+      // As at::empty does: deterministic mode asks for uninitialised memory to read as NaN, which
+      // is how the tests see an output element that a kernel never wrote.
+      const auto& context = at::globalContext();
+      if (context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory()) {
+        out.fill_(std::numeric_limits<double>::quiet_NaN());
+      }
+      return out;
     }
   }
   at::Tensor out = at::empty(sizes, options.memory_format(format));
