@@ -336,19 +336,22 @@ inline void gemm_panels(int64_t count, int64_t c, int64_t taps, const uint16_t* 
       if (b.e.residual != nullptr) {
         b.e.residual += p * avx2::kPanel;
       }
-      // The block's output rows fetched for writing (and its residual rows) while the tiles sum.
-      // WHY: in a forward the output lines are not in L1 and the epilogue's stores waited on them
-      // (a sixth of a hot 1x1 conv's samples, perf). Intel Xeon with AMX, 2 threads, alternating
-      // in one process: resnet50 bf16 batch 8 1.031x and 1.043x, batch 1 0.996x and 0.998x,
-      // resnet18 batch 8 0.989x.
+      // The block's output and residual rows fetched into L2 while the tiles sum. WHY: in a forward
+      // the output lines are not in L1 and the epilogue's stores waited on them (a sixth of a hot
+      // 1x1 conv's samples, perf). Intel Xeon with AMX, 2 threads, alternating in one process,
+      // against none: resnet50 bf16 batch 8 1.031x and 1.043x, batch 1 0.996x and 0.998x, resnet18
+      // batch 8 0.989x. To L2, not L1 (prefetchw, as first written): at batch 8 a sixth of the
+      // kernel's samples sat on the prefetches themselves, the L1 fill buffers full with the 64 of
+      // a block; into L2, resnet50 bf16 batch 8 1.04-1.05x (three runs), batch 1 1.009x, resnet18
+      // batch 8 1.011x, batch 1 1.004x. Prefetching a block or two ahead instead: 0.99-1.00x.
       for (int64_t i = 0; i < b.count; ++i) {
         const int64_t at = b.e.rows[i];
         if (at < 0) {
           continue;
         }
-        _m_prefetchw(b.out + at * ld_out);
+        _mm_prefetch(reinterpret_cast<const char*>(b.out + at * ld_out), _MM_HINT_T1);
         if (b.e.residual != nullptr) {
-          _mm_prefetch(reinterpret_cast<const char*>(b.e.residual + at * e.ld_residual), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(b.e.residual + at * e.ld_residual), _MM_HINT_T1);
         }
       }
       block_sums(b, taps, chunks, a + g * taps, stride + g * taps, panel + p * panel_size, panel_size, sums);
