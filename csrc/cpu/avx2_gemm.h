@@ -74,12 +74,13 @@ struct Epilogue {
 // thread's share is cut into the same number of blocks. Shares and blocks are whole micro-tiles of
 // kRows rows (only the very last block may end in a partial one): a block of 43 rows would run
 // a 1-row micro-kernel call, which costs about a third of a full one. A single block is left
-// whole: the callers then split the output channels between the threads instead.
+// whole: the callers then split the output channels between the threads instead. A core with
+// another row blocking passes its own `unit` (the AMX core: 32 rows).
 class Blocks {
  public:
-  Blocks(int64_t total, int64_t block, int64_t threads) {
-    const int64_t units = (total + kRows - 1) / kRows;
-    const int64_t block_units = std::max<int64_t>(1, block / kRows);
+  Blocks(int64_t total, int64_t block, int64_t threads, int64_t unit = kRows) : unit_(unit) {
+    const int64_t units = (total + unit - 1) / unit;
+    const int64_t block_units = std::max<int64_t>(1, block / unit);
     threads = std::max<int64_t>(1, std::min(threads, units));
     const int64_t per_thread = (units + threads - 1) / threads;
     // At most a block per unit of the smallest share, so that every thread gets the same count.
@@ -126,9 +127,10 @@ class Blocks {
   void cut(int64_t first, int64_t last, int64_t count, int64_t total) {
     count = std::max<int64_t>(1, std::min(count, last - first));
     for (int64_t b = 0; b < count; ++b) {
-      starts_.push_back(std::min(total, (first + (last - first) * b / count) * kRows));
+      starts_.push_back(std::min(total, (first + (last - first) * b / count) * unit_));
     }
   }
+  int64_t unit_;
   std::vector<int64_t> starts_;
   int64_t max_size_ = 0;
 };

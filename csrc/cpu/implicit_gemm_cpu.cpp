@@ -123,11 +123,12 @@ struct Work {
 
 // The loop every implicit-GEMM convolution shares: merges a few-channel input's filter rows (see the
 // top of the file), shares the work items between the threads, finds each pixel's input rows and
-// hands each item to `gemm` (a Work<T>); `done` runs once per thread after its last item.
+// hands each item to `gemm` (a Work<T>); `done` runs once per thread after its last item. Items are
+// cut in whole `unit`s of pixels (avx2::Blocks), but for the last.
 template <typename T, typename Gemm, typename Done>
 void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                         at::IntArrayRef padding, const at::Tensor& out, int64_t block, bool split_channels,
-                        bool need_rows, Gemm&& gemm, Done&& done) {
+                        bool need_rows, Gemm&& gemm, Done&& done, int64_t unit = avx2::kRows) {
   const int64_t n = x.size(0), k = out.size(1), p = out.size(2), q = out.size(3);
   int64_t c = x.size(1), h = x.size(2), w = x.size(3);
   int64_t kh = kernel_size[0], kw = kernel_size[1], pad_h = padding[0], pad_w = padding[1];
@@ -150,7 +151,7 @@ void for_each_work_item(const at::Tensor& x, at::IntArrayRef kernel_size, at::In
   TORCH_INTERNAL_ASSERT(block >= 1);
   const int64_t threads = at::get_num_threads();
   const bool by_channels = split_channels && can_split_channels(k, threads);
-  const avx2::Blocks split(pixels, std::min(block, pixels), by_channels ? 1 : threads);
+  const avx2::Blocks split(pixels, std::min(block, pixels), by_channels ? 1 : threads, unit);
   const int64_t blocks = split.count();
   const int64_t panels = k / kPanel;
   const int64_t k_groups = by_channels ? threads : panel_groups(blocks, panels, threads);
@@ -469,8 +470,12 @@ void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ker
                           amx_bf16::Epilogue{bp + item.first_panel * kPanel, rp == nullptr ? nullptr : rp + offset, k,
                                              relu, rows.data()});
   };
+  // Items cut in whole pairs of row groups (a tile block's 32 rows), not the AVX2 core's 6-row units:
+  // an item of 48 or 186 rows ended in a half-empty tile block, its rows copied and its sums for
+  // missing rows computed and dropped. Intel Xeon with AMX, 2 threads, in one process alternating
+  // with 6-row units: resnet50 bf16 batch 8 1.023x [1.015-1.033], batch 1 1.012x.
   for_each_work_item<at::BFloat16>(x, kernel_size, stride, padding, out, block, split_channels, true, gemm,
-                                   [] { amx_bf16::release(); });
+                                   [] { amx_bf16::release(); }, 2 * amx_bf16::kGroupRows);
 #else
   TORCH_CHECK(false, "resnet_fused: this build has no AMX convolution (x86-64 Linux only)");
 #endif
