@@ -38,10 +38,18 @@ KERNEL = "implicit_gemm_amx"
 # stride 1; KxK stride 1 over the zero-padded copy, with padding or without) or copied (stride 2,
 # the item's last partial group);
 # an odd count of 16-channel panels (k = 48, 16) leaves one panel alone; stride 2; 5x5; channels
-# that are not whole 32-channel chunks, padded with zeros in the copy (48, 5; the stem's 3, whose
-# filter rows are merged into taps of 21).
+# that are not whole 32-channel chunks, padded with zeros in the copy (48, 5, and 6 with 7-pixel
+# filter rows: 42 values). Inputs of few channels whose merged filter rows fit a tile row once
+# widened read in place, one tap per filter row (the stem's 3 widened to 4: 7 x 4 values; 3 in
+# 3x3: 12; 8 in 3x3 stride 2: 24, not widened; 5 in 5x5: 30), output rows of 11, 16 (whole row
+# groups) and 20 pixels.
 CASES = [
     (1, 3, 64, 23, 21, 7, 2, 3),
+    (2, 3, 64, 32, 32, 7, 2, 3),
+    (1, 3, 32, 9, 20, 3, 1, 1),
+    (2, 8, 16, 10, 11, 3, 2, 1),
+    (1, 5, 48, 9, 11, 5, 1, 2),
+    (1, 6, 32, 9, 9, 7, 1, 3),
     (2, 48, 32, 7, 6, 3, 1, 1),
     (1, 5, 16, 8, 9, 1, 1, 0),
     (2, 32, 32, 5, 7, 1, 1, 0),

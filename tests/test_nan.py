@@ -172,7 +172,7 @@ OWN_KERNEL_CASES = [
 ] + [
     pytest.param(shape, "implicit_gemm_amx", torch.bfloat16,
                  marks=pytest.mark.skipif(not {"amx_tile", "amx_bf16"} <= set(bench.cpu_flags()), reason="needs AMX-BF16"))
-    for shape in ("3x3s1c32", "1x1s1c64")
+    for shape in ("3x3s1c32", "1x1s1c64", "stem7x7s2")
 ]
 
 

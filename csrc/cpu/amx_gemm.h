@@ -139,15 +139,26 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Every tile 16 rows of 64 bytes, for this thread until release().
-inline void configure() {
+// The bf16 values an A tile row holds (its B tile: half as many rows of channel pairs), as this
+// thread's last configure() set them; read by the emulated tiles, which the configuration does not reach.
+inline int& tile_row_values() {
+  thread_local int values = kChunk;
+  return values;
+}
+
+// For this thread until release(): sum tiles 16 rows of 64 bytes (16 fp32), A tiles 16 rows of
+// `row_values` bf16 (a whole chunk, or fewer: a few-channel tap, conv_amx_few_channels), B tiles
+// row_values / 2 rows of 64 bytes. An even row_values <= kChunk.
+inline void configure(int row_values = kChunk) {
+  tile_row_values() = row_values;
   if (emulated()) {
     return;
   }
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
-    config.bytes_per_row[t] = 64;
-    config.rows[t] = kGroupRows;
+    const bool a = t == 4 || t == 5, b = t == 6 || t == 7;
+    config.bytes_per_row[t] = a ? 2 * row_values : 64;
+    config.rows[t] = b ? row_values / 2 : kGroupRows;
   }
   // WHY not _tile_loadconfig(&config): GCC 12's tells the compiler it reads 8 bytes of the struct,
   // so the stores of the row counts were dropped as dead and the first tile load faulted. Here
@@ -232,6 +243,9 @@ inline void tile_sums_emulated(int64_t taps, int64_t chunks, const uint16_t* con
                                                                 r * stride[g * taps + t]);
             const uint16_t* wt = w + p * panel_stride + t * chunks * kChunk * avx2::kPanel;
             for (int64_t i = 0; i < chunks * kChunk; ++i) {
+              if (i % kChunk >= tile_row_values()) {
+                continue;  // past the A tile's row, as configured
+              }
               sum += widen(row[i]) * widen(wt[(i / 2) * 2 * avx2::kPanel + col * 2 + i % 2]);
             }
           }

@@ -39,8 +39,11 @@ void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ker
               const at::Tensor& out, int64_t block, bool split_channels);
 
 // pack_weight_bf16's layout for the AMX core: a tap's reduction of whole 32-channel chunks as
-// pack_weight_bf16 packs it; other reductions joined into one tap of all of them, zero-padded to
-// whole chunks (bf16 (K / 16, 1, ceil(taps * reduction / 32) * 16, 16, 2)).
+// pack_weight_bf16 packs it; a few-channel input's merged filter rows that fit a chunk once each
+// pixel's channels are widened (the stem's 7 pixels x 3 channels as 7 x 4) one tap each, zero for
+// the widened channels and the rest of the chunk (bf16 (K / 16, R, 16, 16, 2)); other reductions
+// joined into one tap of all of them, zero-padded to whole chunks (bf16 (K / 16, 1, ceil(taps *
+// reduction / 32) * 16, 16, 2)).
 at::Tensor pack_weight_amx(const at::Tensor& weight);
 
 // Whether this CPU runs conv() on bf16 (AVX512-BF16).

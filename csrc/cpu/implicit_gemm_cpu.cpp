@@ -53,6 +53,17 @@ bool merges_filter_rows(int64_t channels, int64_t kernel_w) {
   return kernel_w > 1 && channels < kMergeRowsBelowChannels;
 }
 
+// For the AMX core, the channels a few-channel input's pixels are widened to (zeros appended) so
+// that a merged filter row (kernel_w pixels) is an even number of bf16 values, at most a chunk,
+// read by one A tile row (conv_amx_few_channels); 0 where the row is longer or not merged.
+int64_t few_channels_widened(int64_t channels, int64_t kernel_w) {
+  if (!merges_filter_rows(channels, kernel_w)) {
+    return 0;
+  }
+  const int64_t widened = (kernel_w * channels) % 2 == 0 ? channels : channels + 1;
+  return kernel_w * widened <= amx_bf16::kChunk ? widened : 0;
+}
+
 // How many groups the output channels' panels are split into, so that a few pixel blocks (a 7x7
 // map at batch 1) still give every thread several work items; no work is duplicated by the split.
 int64_t panel_groups(int64_t blocks, int64_t panels, int64_t threads) {
@@ -83,31 +94,41 @@ std::vector<int64_t> tap_offsets(int64_t kh, int64_t kw, int64_t width, int64_t 
 }
 
 // x (dense channels_last) with pad_h zero rows above and below and pad_w zero pixels left and
-// right, in one pass of row writes, as a flat buffer of its (n, h + 2 pad_h, w + 2 pad_w, c)
-// elements and `slack` zero pixels after them (for reads past the end that are never used), from
-// the output pool (output_pool.h: a fresh 3 MB block page-faulted in every call made the AMX 3x3
-// convs of a batch-8 forward 2x slower than alone). WHY not zero_() and a copy into the middle: at
-// batch 1 those ATen calls (a fill, two narrows, a strided copy) took about 80 us of a forward.
+// right, each pixel's channels followed by zeros up to `channels` (default: none), in one pass of
+// row writes, as a flat buffer of its (n, h + 2 pad_h, w + 2 pad_w, channels) elements and `slack`
+// zero pixels after them (for reads past the end that are never used), from the output pool
+// (output_pool.h: a fresh 3 MB block page-faulted in every call made the AMX 3x3 convs of a
+// batch-8 forward 2x slower than alone). WHY not zero_() and a copy into the middle: at batch 1
+// those ATen calls (a fill, two narrows, a strided copy) took about 80 us of a forward.
 template <typename T>
-at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w, int64_t slack = 0) {
+at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w, int64_t slack = 0, int64_t channels = 0) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t ph = h + 2 * pad_h, pw = w + 2 * pad_w;
-  // (1, c, 1, pixels) in channels_last: the pixels' channels one after the other.
-  at::Tensor out = pooled_empty_channels_last({1, c, 1, n * ph * pw + slack}, x.options());
+  const int64_t ph = h + 2 * pad_h, pw = w + 2 * pad_w, cp = std::max(c, channels);
+  // (1, cp, 1, pixels) in channels_last: the pixels' channels one after the other.
+  at::Tensor out = pooled_empty_channels_last({1, cp, 1, n * ph * pw + slack}, x.options());
   const T* xp = x.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
-  std::fill_n(op + n * ph * pw * c, slack * c, T(0));
+  std::fill_n(op + n * ph * pw * cp, slack * cp, T(0));
   at::parallel_for(0, n * ph, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t img = row / ph, y = row % ph - pad_h;
-      T* o = op + row * pw * c;
+      T* o = op + row * pw * cp;
       if (y < 0 || y >= h) {
-        std::fill_n(o, pw * c, T(0));
+        std::fill_n(o, pw * cp, T(0));
         continue;
       }
-      std::fill_n(o, pad_w * c, T(0));
-      std::copy_n(xp + (img * h + y) * w * c, w * c, o + pad_w * c);
-      std::fill_n(o + (pad_w + w) * c, pad_w * c, T(0));
+      std::fill_n(o, pad_w * cp, T(0));
+      const T* in = xp + (img * h + y) * w * c;
+      if (cp == c) {
+        std::copy_n(in, w * c, o + pad_w * c);
+      } else {
+        for (int64_t i = 0; i < w; ++i) {
+          T* pixel = o + (pad_w + i) * cp;
+          std::copy_n(in + i * c, c, pixel);
+          std::fill_n(pixel + c, cp - c, T(0));
+        }
+      }
+      std::fill_n(o + (pad_w + w) * cp, pad_w * cp, T(0));
     }
   });
   return out;
@@ -353,6 +374,71 @@ void conv_amx_padded(const at::Tensor& x, const uint16_t* wp, const float* bp, c
     amx_bf16::release();
   });
 }
+// conv_amx for an input of few channels (the stem's 3) whose merged filter rows fit a chunk once
+// widened (few_channels_widened): no copies of rows. Over a zero-padded copy of the input with
+// each pixel widened to `widened` channels, output pixel (y, x)'s filter row i is kernel_w *
+// widened values from input pixel (y * stride_h + i, x * stride_w), so 16 consecutive output
+// pixels of a row read it at one stride: an A tile of exactly those values (the tiles configured
+// to rows of kernel_w * widened values), one tap per filter row. Row groups stay within an output
+// row; a row's last group is filled with pixels past its end, summed and not stored. WHY: the
+// copied path joined the 7 taps of 21 values of each of the stem's output pixels side by side
+// (160 values, zero-padded), and at batch 8 the stem ran at 0.68x OpenVINO's inside forwards.
+// Intel Xeon with AMX, 2 threads: the stem hot 3.2-3.3 -> 2.0-2.1 ms at batch 8, 0.41-0.49 ->
+// 0.28-0.30 ms at batch 1; whole models in one process, alternating with the copied path:
+// resnet50 bf16 batch 8 1.021x, batch 1 1.049x, resnet18 batch 8 1.031x, batch 1 1.019x.
+// `block`: output pixels per work item, as whole output rows (at least one).
+void conv_amx_few_channels(const at::Tensor& x, const uint16_t* wp, const float* bp, const uint16_t* rp, bool relu,
+                           at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding, uint16_t* op,
+                           int64_t k, int64_t block, bool split_channels, int64_t widened) {
+  using amx_bf16::kGroupRows;
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1], sh = stride[0], sw = stride[1];
+  const int64_t hp = h + 2 * padding[0], wpad = w + 2 * padding[1];
+  const int64_t p = (hp - kh) / sh + 1, q = (wpad - kw) / sw + 1;
+  const int64_t groups_per_row = (q + kGroupRows - 1) / kGroupRows;
+  // A row's last group reads up to kGroupRows - 1 pixels (sw input pixels each) past the row's end.
+  const at::Tensor input = padded<at::BFloat16>(x, padding[0], padding[1], kGroupRows * sw + kw, widened);
+  const auto* xp = reinterpret_cast<const uint16_t*>(input.const_data_ptr<at::BFloat16>());
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows_per_item = std::max<int64_t>(1, block / q);
+  const int64_t items_per_image = (p + rows_per_item - 1) / rows_per_item, blocks = n * items_per_image;
+  const int64_t panels = k / kPanel;
+  const bool by_channels = split_channels && can_split_channels(k, threads);
+  const int64_t k_groups = by_channels ? threads : panel_groups(blocks, panels, threads);
+  const int64_t group_panels = panels / k_groups;
+  const int64_t row_values = kw * widened, panel_size = kh * amx_bf16::kChunk * kPanel;
+  const int64_t row_stride = sw * widened * static_cast<int64_t>(sizeof(uint16_t));
+  parallel_items(blocks * k_groups, [&](const auto& claim) {
+    thread_local std::vector<const uint16_t*> a;
+    thread_local std::vector<int64_t> strides;
+    thread_local std::vector<int64_t> rows;
+    amx_bf16::configure(static_cast<int>(row_values));
+    for (int64_t item = 0; claim(item);) {
+      const auto [blk, kg] = block_and_group(item, by_channels, blocks, k_groups);
+      const int64_t img = blk / items_per_image, y0 = blk % items_per_image * rows_per_item;
+      const int64_t out_rows = std::min(rows_per_item, p - y0), groups = out_rows * groups_per_row;
+      a.resize(groups * kh);
+      strides.assign(groups * kh, row_stride);
+      rows.resize(groups * kGroupRows);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t y = y0 + g / groups_per_row, x0 = g % groups_per_row * kGroupRows;
+        for (int64_t i = 0; i < kh; ++i) {
+          a[g * kh + i] = xp + ((img * hp + y * sh + i) * wpad + x0 * sw) * widened;
+        }
+        for (int64_t r = 0; r < kGroupRows; ++r) {
+          rows[g * kGroupRows + r] = x0 + r < q ? (img * p + y) * q + x0 + r : -1;
+        }
+      }
+      const int64_t first_panel = kg * group_panels;
+      amx_bf16::gemm_panels(groups * kGroupRows, amx_bf16::kChunk, kh, a.data(), strides.data(),
+                            wp + first_panel * panel_size, group_panels, op + first_panel * kPanel, k,
+                            amx_bf16::Epilogue{bp + first_panel * kPanel,
+                                               rp == nullptr ? nullptr : rp + first_panel * kPanel, k, relu,
+                                               rows.data()});
+    }
+    amx_bf16::release();
+  });
+}
 #endif
 
 }  // namespace
@@ -449,6 +535,11 @@ void conv_amx(const at::Tensor& x, const at::Tensor& packed, at::IntArrayRef ker
   }
   const float* bp = bias32.data();
   const int64_t kh = kernel_size[0], kw = kernel_size[1];
+  const int64_t widened = few_channels_widened(x.size(1), kw);
+  if (widened > 0) {
+    conv_amx_few_channels(x, wp, bp, rp, relu, kernel_size, stride, padding, op, k, block, split_channels, widened);
+    return;
+  }
   if (stride[0] == 1 && stride[1] == 1 && kh * kw > 1 && x.size(1) % amx_bf16::kChunk == 0) {
     conv_amx_padded(x, wp, bp, rp, relu, kernel_size, padding, op, k, block, split_channels);
     return;
@@ -521,6 +612,10 @@ at::Tensor pack_weight_bf16(const at::Tensor& weight) {
 
 at::Tensor pack_weight_amx(const at::Tensor& weight) {
   const int64_t c = weight.size(1), s = weight.size(3);
+  const int64_t widened = few_channels_widened(c, s);
+  if (widened > 0) {  // zero weights for the widened channels: one tap of s * widened values per filter row
+    return pack_weight_bf16_padded(at::constant_pad_nd(weight, {0, 0, 0, 0, 0, widened - c}), amx_bf16::kChunk, false);
+  }
   const int64_t reduction = merges_filter_rows(c, s) ? s * c : c;
   return pack_weight_bf16_padded(weight, amx_bf16::kChunk, reduction % amx_bf16::kChunk != 0);
 }
