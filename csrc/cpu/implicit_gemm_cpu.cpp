@@ -24,6 +24,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -121,6 +122,21 @@ at::Tensor padded(const at::Tensor& x, int64_t pad_h, int64_t pad_w, int64_t sla
       const T* in = xp + (img * h + y) * w * c;
       if (cp == c) {
         std::copy_n(in, w * c, o + pad_w * c);
+      } else if (sizeof(T) == 2 && cp == 4) {
+        // Four 16-bit channels (the stem's three, widened: few_channels_widened) make one 64-bit store
+        // per pixel. WHY: the copy_n and fill_n below, per pixel, were calls of memmove and memset
+        // for 6 and 2 bytes, which took a third as long as the stem's GEMM (perf, batch 1). Intel
+        // Xeon with AMX, 2 threads, the stem hot: batch 1 0.30 -> 0.26 ms, batch 8 2.08 -> 1.74;
+        // whole bf16 models alternating in one process: resnet18 b1 1.020x, resnet50 b8 1.007x.
+        for (int64_t i = 0; i < w; ++i) {
+          uint64_t bits = 0;
+          for (int64_t j = 0; j < c; ++j) {
+            uint16_t value;
+            std::memcpy(&value, in + i * c + j, sizeof(value));
+            bits |= uint64_t{value} << (16 * j);
+          }
+          std::memcpy(o + (pad_w + i) * cp, &bits, sizeof(bits));
+        }
       } else {
         for (int64_t i = 0; i < w; ++i) {
           T* pixel = o + (pad_w + i) * cp;
