@@ -11,6 +11,8 @@
 // Registered for CompositeImplicitAutograd: under fake tensors, torch.compile or a meta device it
 // decomposes into conv_bias_act calls, whose fake kernels describe the result.
 
+#include "common.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
@@ -56,12 +58,18 @@ at::Tensor residual_blocks(const at::Tensor& x, at::TensorList weights, const c1
   at::Tensor out = x;
   for (const auto b : c10::irange(chain_lengths.size())) {
     // The projection comes first in the weights: the order the fused modules run them in.
-    const at::Tensor shortcut = projections.get(b) ? conv(out, std::nullopt, false) : out;
+    const bool projection = projections.get(b);
+    const at::Tensor shortcut = projection ? conv(out, std::nullopt, false) : out;
     at::Tensor y = out;
     for (int64_t j = 0; j + 1 < chain_lengths[b]; ++j) {
       y = conv(y, std::nullopt, true);
     }
-    out = conv(y, shortcut, true);
+    if ((projection || b > 0) && !y.is_same(shortcut)) {  // this op's own tensor, read by this conv only
+      const ShortcutIsDead dead;
+      out = conv(y, shortcut, true);
+    } else {
+      out = conv(y, shortcut, true);
+    }
   }
   return out;
 }

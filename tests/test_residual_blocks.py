@@ -21,7 +21,8 @@ from utils import assert_close, assert_within_eager_error, reference_conv_bias_a
 needs_ext = pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded")
 CPU_BACKENDS = [n for n in ("torch", "onednn", "extension") if ops.BACKENDS[n].unavailable_reason("cpu", None) is None]
 
-# Two blocks, the first with a strided projection shortcut, the second with the identity:
+# Two blocks, the first with a strided projection shortcut, the second with the identity (or both
+# with the identity):
 # (in channels, out channels, kernel, stride, groups) per conv, projection first.
 STAGES = {
     "bottleneck": {
@@ -33,6 +34,11 @@ STAGES = {
         "blocks": [([(16, 32, 3, 2, 1), (32, 32, 3, 1, 1)], (16, 32, 1, 2, 1)),
                    ([(32, 32, 3, 1, 1), (32, 32, 3, 1, 1)], None)],
         "channels": 16,
+    },
+    # resnet18's layer1: the identity from the first block on, so the stage's input is a shortcut.
+    "basic_identity": {
+        "blocks": [([(32, 32, 3, 1, 1), (32, 32, 3, 1, 1)], None)] * 2,
+        "channels": 32,
     },
 }
 

@@ -701,7 +701,8 @@ at::Tensor conv_own(
     at::IntArrayRef padding,
     const std::optional<at::Tensor>& residual,
     bool relu,
-    const std::array<int64_t, 4>& out_sizes) {
+    const std::array<int64_t, 4>& out_sizes,
+    bool over_residual = false) {
   constexpr auto cl = c10::MemoryFormat::ChannelsLast;
   if (is_low_precision(x) && !on_bf16_core(choice.kernel)) {  // fp32 kernels; the weight packed to fp32 once, cached
     return computed_in_fp32(x, bias, residual, [&](const at::Tensor& x32, const std::optional<at::Tensor>& bias32,
@@ -710,9 +711,13 @@ at::Tensor conv_own(
     });
   }
   // Recorded here, once per kernel run (the converted call above recurses).
-  RECORD_FUNCTION(kernel_name(choice.kernel), std::vector<c10::IValue>());
+  RECORD_FUNCTION(over_residual ? "implicit_gemm_amx_over_residual" : kernel_name(choice.kernel),
+                  std::vector<c10::IValue>());
   const at::Tensor packed = packed_weight(weight, choice.kernel);
-  at::Tensor out = pooled_empty_channels_last(out_sizes, x.options());
+  // over_residual: the output written over the residual (see shortcut_is_dead), which only the AMX
+  // kernel is asked to do: it reads each residual row in the store that overwrites it.
+  TORCH_INTERNAL_ASSERT(!over_residual || choice.kernel == Kernel::kImplicitGemmAmx);
+  at::Tensor out = over_residual ? *residual : pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
   std::optional<at::Tensor> r;
   if (residual.has_value()) {
@@ -932,6 +937,8 @@ at::Tensor conv_bias_act_cpu(
     bool relu) {
   const auto out_sizes = check_conv_args(x, weight, bias, stride, padding, groups, residual);
   const auto format = conv_output_format(x, weight);
+  // Taken at once, so that no conv this one runs (timing candidates) sees it.
+  const bool shortcut_dead = std::exchange(shortcut_is_dead(), false);
   const IsaCap cap = own_isa_cap();  // read (and checked) once per call, whatever the dtype
   const std::vector<Kernel> kernels = own_kernels(x, weight, stride, padding, groups, cap);
   const int mode = kernels.empty() ? 0 : env_switch(kAvx2ConvEnv);  // read once per call
@@ -939,7 +946,10 @@ at::Tensor conv_bias_act_cpu(
     const Choice choice =
         choose(mode, cap, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
     if (choice.kernel != Kernel::kDirect) {
-      return conv_own(choice, cap, x, weight, bias, stride, padding, residual, relu, out_sizes)
+      const bool over_residual = shortcut_dead && choice.kernel == Kernel::kImplicitGemmAmx &&
+                                 residual->is_contiguous(c10::MemoryFormat::ChannelsLast) &&
+                                 residual->sizes().equals(out_sizes) && !residual->is_alias_of(x);
+      return conv_own(choice, cap, x, weight, bias, stride, padding, residual, relu, out_sizes, over_residual)
           .contiguous(format);
     }
   }
