@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused
-from resnet_fused import bench, ops
+from resnet_fused import bench
 from resnet_fused.accuracy import judge
 from resnet_fused.backends import extension
 from resnet_fused.reference import random_model
 from test_avx2_conv import FLAGS, conv, own_kernel_ran, reference
 from test_avx512_bf16_conv import bf16_case, kernel_ran
-from test_residual_blocks import STAGES, make_stage, stage_by_definition
 from utils import assert_close, assert_within_eager_error
 
 EMULATED = os.environ.get("RESNET_FUSED_AMX_EMULATE") == "1" and "avx512_bf16" in bench.cpu_flags()
@@ -196,32 +195,3 @@ def test_padded_channels_read_no_neighbour(amx):
     assert torch.isnan(out[0, :, 1, 2]).all()
     assert torch.isnan(out).sum() == 16, "only the corrupted pixel's outputs are NaN"
 
-
-@pytest.mark.parametrize("kind", list(STAGES))
-def test_amx_stage_writes_over_its_own_shortcuts_only(kind, amx):
-    """residual_blocks on AMX: a block's last conv writes its output over the shortcut where that is
-    a tensor the op made (a projection's output, the previous block's output; the profiler scope
-    implicit_gemm_amx_over_residual), never over the stage's input (the caller's), with the same
-    bits as the convs called one by one."""
-    x, args = make_stage(kind, torch.bfloat16, torch.Generator().manual_seed(7))
-    x_before = x.clone()
-    flat = {key: [v for pair in args[key] for v in pair] for key in ("strides", "paddings")}
-
-    def stage():
-        return torch.ops.resnet_fused.residual_blocks(x, args["weights"], args["biases"], flat["strides"],
-                                                      flat["paddings"], args["groups"], args["chain_lengths"],
-                                                      args["projections"])
-
-    def conv_by_conv(x, weight, bias, **kw):
-        return ops.conv_bias_act(x.contiguous(memory_format=torch.channels_last), weight, bias, backend="extension",
-                                 **kw)
-
-    with torch.inference_mode():
-        stage()  # packs the weights
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            out = stage()
-        by_convs = stage_by_definition(x, **args, conv=conv_by_conv)
-    own_shortcuts = sum(p or b > 0 for b, p in enumerate(args["projections"]))
-    assert [e.name for e in prof.events()].count("implicit_gemm_amx_over_residual") == own_shortcuts
-    assert torch.equal(out, by_convs)
-    assert torch.equal(x, x_before), "the stage's input was written"

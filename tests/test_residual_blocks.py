@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import resnet_fused
-from resnet_fused import ops
+from resnet_fused import bench, ops
 from resnet_fused.backends import extension
 from resnet_fused.modules import FusedBasicBlock, FusedBottleneck, FusedStage
 from resnet_fused.reference import random_model
 from utils import assert_close, assert_within_eager_error, reference_conv_bias_act
 
 needs_ext = pytest.mark.skipif(extension.load_error() is not None, reason="resnet_fused._C is not loaded")
+FLAGS = set(bench.cpu_flags())
+AMX = {"amx_tile", "amx_bf16"} <= FLAGS or (os.environ.get("RESNET_FUSED_AMX_EMULATE") == "1" and "avx512_bf16" in FLAGS)
 CPU_BACKENDS = [n for n in ("torch", "onednn", "extension") if ops.BACKENDS[n].unavailable_reason("cpu", None) is None]
 
 # Two blocks, the first with a strided projection shortcut, the second with the identity (or both
@@ -256,3 +259,59 @@ def test_stage_without_a_one_call_kernel_runs_its_modules():
     with torch.inference_mode():
         first, second = model(x), model(x)
     assert model.layer_1._plan is None and torch.equal(first, second)
+
+
+# The kernels a stage's convs are forced onto (no Winograd), and the profiler scope of a block's
+# last conv when it writes its output over the shortcut; None: that kernel never does (the AVX2
+# core parks partial sums in the output).
+OVER_RESIDUAL = [
+    pytest.param(torch.bfloat16, {}, "implicit_gemm_amx_over_residual", id="amx",
+                 marks=pytest.mark.skipif(not AMX, reason="this CPU has no AMX-BF16 (nor emulated tiles)")),
+    pytest.param(torch.bfloat16, {extension.CPU_ISA_ENV: "avx512"}, "implicit_gemm_bf16_over_residual",
+                 id="avx512_bf16", marks=pytest.mark.skipif("avx512_bf16" not in FLAGS, reason="no AVX512-BF16")),
+    pytest.param(torch.float32, {extension.CPU_ISA_ENV: "avx512", extension.GEMM_CORE_ENV: "own"},
+                 "implicit_gemm_over_residual", id="avx512_fp32",
+                 marks=pytest.mark.skipif("avx512f" not in FLAGS, reason="no AVX-512")),
+    pytest.param(torch.float32, {extension.CPU_ISA_ENV: "avx2", extension.GEMM_CORE_ENV: "own"}, None,
+                 id="avx2_fp32", marks=pytest.mark.skipif(not {"avx2", "fma"} <= FLAGS, reason="no AVX2 and FMA")),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype, environment, scope", OVER_RESIDUAL)
+@pytest.mark.parametrize("kind", list(STAGES))
+def test_stage_writes_over_its_own_shortcuts_only(kind, dtype, environment, scope, monkeypatch,
+                                                  nan_filled_empty_exact_fp32):
+    """A block's last conv writes its output over the shortcut where the op made that tensor (a
+    projection's output, the previous block's output) and its kernel stores each output after
+    reading its residual: never over the stage's input (the caller's), and with the same bits as
+    the convs called one by one."""
+    monkeypatch.setenv(extension.AVX2_CONV_ENV, "1")
+    monkeypatch.setenv(extension.WINOGRAD_TILE_ENV, "off")
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    x, args = make_stage(kind, dtype, torch.Generator().manual_seed(7))
+    x_before = x.clone()
+    flat = {key: [v for pair in args[key] for v in pair] for key in ("strides", "paddings")}
+
+    def stage():
+        return torch.ops.resnet_fused.residual_blocks(x, args["weights"], args["biases"], flat["strides"],
+                                                      flat["paddings"], args["groups"], args["chain_lengths"],
+                                                      args["projections"])
+
+    def conv_by_conv(x, weight, bias, **kw):
+        return ops.conv_bias_act(x.contiguous(memory_format=torch.channels_last), weight, bias, backend="extension",
+                                 **kw)
+
+    with torch.inference_mode():
+        stage()  # packs the weights
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = stage()
+        by_convs = stage_by_definition(x, **args, conv=conv_by_conv)
+    names = [e.name for e in prof.events()]
+    own_shortcuts = sum(p or b > 0 for b, p in enumerate(args["projections"]))
+    assert sum(name.endswith("_over_residual") for name in names) == (own_shortcuts if scope else 0)
+    assert scope is None or names.count(scope) == own_shortcuts
+    assert torch.equal(out, by_convs)
+    assert torch.isfinite(out).all()
+    assert torch.equal(x, x_before), "the stage's input was written"

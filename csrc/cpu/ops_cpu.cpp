@@ -691,6 +691,37 @@ const char* kernel_name(Kernel kernel) {
   }
 }
 
+// Whether `choice`'s kernel can write its output over the residual: each output element is stored
+// once, after its residual element is read, by the thread that read it. True of the AMX tiles and
+// the AVX-512 cores (the whole reduction in registers, the epilogue in the store); not of the AVX2
+// core (partial sums parked in the output), brgemm (raw sums stored before the epilogue), Winograd
+// (a call redone by the implicit GEMM where a NaN reached the outputs), nor of low-precision inputs
+// on fp32 kernels (computed in a converted copy).
+bool stores_after_reading_residual(const Choice& choice, IsaCap cap, const at::Tensor& x) {
+  switch (choice.kernel) {
+    case Kernel::kImplicitGemmAmx:
+    case Kernel::kImplicitGemmBf16:
+      return true;
+    case Kernel::kImplicitGemm:
+      return !is_low_precision(x) && fp32_core(choice, cap) == Fp32Core::kAvx512;
+    default:
+      return false;
+  }
+}
+
+// The profiler's name for a call of `kernel` (one of stores_after_reading_residual's) writing over
+// its residual.
+const char* over_residual_name(Kernel kernel) {
+  switch (kernel) {
+    case Kernel::kImplicitGemmAmx:
+      return "implicit_gemm_amx_over_residual";
+    case Kernel::kImplicitGemmBf16:
+      return "implicit_gemm_bf16_over_residual";
+    default:
+      return "implicit_gemm_over_residual";
+  }
+}
+
 at::Tensor conv_own(
     const Choice& choice,
     IsaCap cap,
@@ -711,12 +742,11 @@ at::Tensor conv_own(
     });
   }
   // Recorded here, once per kernel run (the converted call above recurses).
-  RECORD_FUNCTION(over_residual ? "implicit_gemm_amx_over_residual" : kernel_name(choice.kernel),
+  RECORD_FUNCTION(over_residual ? over_residual_name(choice.kernel) : kernel_name(choice.kernel),
                   std::vector<c10::IValue>());
   const at::Tensor packed = packed_weight(weight, choice.kernel);
-  // over_residual: the output written over the residual (see shortcut_is_dead), which only the AMX
-  // kernel is asked to do: it reads each residual row in the store that overwrites it.
-  TORCH_INTERNAL_ASSERT(!over_residual || choice.kernel == Kernel::kImplicitGemmAmx);
+  // over_residual: the output written over the residual (see shortcut_is_dead).
+  TORCH_INTERNAL_ASSERT(!over_residual || stores_after_reading_residual(choice, cap, x));
   at::Tensor out = over_residual ? *residual : pooled_empty_channels_last(out_sizes, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::zeros({out_sizes[1]}, x.options());
   std::optional<at::Tensor> r;
@@ -946,7 +976,7 @@ at::Tensor conv_bias_act_cpu(
     const Choice choice =
         choose(mode, cap, kernels, x, weight, bias, stride, padding, residual, relu, format, out_sizes);
     if (choice.kernel != Kernel::kDirect) {
-      const bool over_residual = shortcut_dead && choice.kernel == Kernel::kImplicitGemmAmx &&
+      const bool over_residual = shortcut_dead && stores_after_reading_residual(choice, cap, x) &&
                                  residual->is_contiguous(c10::MemoryFormat::ChannelsLast) &&
                                  residual->sizes().equals(out_sizes) && !residual->is_alias_of(x);
       return conv_own(choice, cap, x, weight, bias, stride, padding, residual, relu, out_sizes, over_residual)
