@@ -64,12 +64,11 @@ at::Tensor residual_blocks(const at::Tensor& x, at::TensorList weights, const c1
     for (int64_t j = 0; j + 1 < chain_lengths[b]; ++j) {
       y = conv(y, std::nullopt, true);
     }
+    std::optional<ShortcutIsDead> dead;
     if ((projection || b > 0) && !y.is_same(shortcut)) {  // this op's own tensor, read by this conv only
-      const ShortcutIsDead dead;
-      out = conv(y, shortcut, true);
-    } else {
-      out = conv(y, shortcut, true);
+      dead.emplace();
     }
+    out = conv(y, shortcut, true);
   }
   return out;
 }

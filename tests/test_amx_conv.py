@@ -194,4 +194,3 @@ def test_padded_channels_read_no_neighbour(amx):
     out = call()
     assert torch.isnan(out[0, :, 1, 2]).all()
     assert torch.isnan(out).sum() == 16, "only the corrupted pixel's outputs are NaN"
-

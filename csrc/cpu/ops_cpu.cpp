@@ -978,7 +978,7 @@ at::Tensor conv_bias_act_cpu(
     if (choice.kernel != Kernel::kDirect) {
       const bool over_residual = shortcut_dead && stores_after_reading_residual(choice, cap, x) &&
                                  residual->is_contiguous(c10::MemoryFormat::ChannelsLast) &&
-                                 residual->sizes().equals(out_sizes) && !residual->is_alias_of(x);
+                                 !residual->is_alias_of(x);
       return conv_own(choice, cap, x, weight, bias, stride, padding, residual, relu, out_sizes, over_residual)
           .contiguous(format);
     }
