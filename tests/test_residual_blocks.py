@@ -315,3 +315,7 @@ def test_stage_writes_over_its_own_shortcuts_only(kind, dtype, environment, scop
     assert torch.equal(out, by_convs)
     assert torch.isfinite(out).all()
     assert torch.equal(x, x_before), "the stage's input was written"
+    # Under opcheck's schema check (a Python dispatch mode) no output may alias its residual.
+    torch.library.opcheck(torch.ops.resnet_fused.residual_blocks.default,
+                          (x, args["weights"], args["biases"], flat["strides"], flat["paddings"], args["groups"],
+                           args["chain_lengths"], args["projections"]), test_utils=("test_schema",))
