@@ -73,6 +73,7 @@ struct Ops {
   static Weights load_weights(const float* w) { return _mm512_loadu_ps(w); }
   static Broadcast broadcast(const float* v) { return _mm512_set1_ps(*v); }
   static Broadcast broadcast_first(const float* v) { return broadcast(v); }  // a step has one channel
+  static Broadcast from_bits(__m512 bits) { return bits; }
   static __m512 multiply_add(__m512 acc, Broadcast b, Weights w) { return _mm512_fmadd_ps(b, w, acc); }
   // Sums start from zero and the bias is added after them, as the AVX2 core does.
   static __m512 start(const float*) { return _mm512_setzero_ps(); }
@@ -115,6 +116,7 @@ struct Ops {
   }
   // An odd C's last channel, its partner zero.
   static Broadcast broadcast_first(const uint16_t* v) { return (__m512bh)_mm512_set1_epi32(*v); }
+  static Broadcast from_bits(__m512 bits) { return (__m512bh)bits; }
   static __m512 multiply_add(__m512 acc, Broadcast b, Weights w) { return _mm512_dpbf16_ps(acc, b, w); }
   // WHY the sums start from the bias, the residual is added by one VDPBF16PS and two panels are
   // rounded and stored as one 64-byte vector: with a 1x1 conv over 64 channels, the 32 channel-pair
