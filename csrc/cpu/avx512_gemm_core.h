@@ -26,7 +26,7 @@ struct NextCall {
   const Element* const* in = nullptr;
   int in_rows = 0;
   int lines_per_row = 0;
-  // The next panel pair's weights (in a pair's first call), fetched into L2: `weight_lines`
+  // The next panel pair's weights (this call's share), fetched into L2: `weight_lines`
   // 64-byte lines from `weights`, `weight_lines_per_step` per reduction step.
   const Element* weights = nullptr;
   int64_t weight_lines = 0;
@@ -349,18 +349,22 @@ inline void panels_of(int64_t count, int64_t c, int64_t taps, const Element* con
           next.lines_per_row = static_cast<int>((c * static_cast<int64_t>(sizeof(Element)) + 63) / 64);
         }
       }
-      if (p + 2 < panels && call_steps > 0 && r == 0) {
-        // The next pair's weights, fetched into L2 during this pair's first call, two lines a
-        // reduction step: where few rows share a weight (batch 1, 14x14 and 7x7 maps) it comes
-        // from DRAM, which one call's compute cannot hide.
-        // Measured (Zen 4, 2 threads, bf16, with and without in one process): resnet18 batch 1
-        // 1.16x, batch 8 1.01x; resnet50 batch 1 1.05x, batch 8 1.01x (the lines then spread over
-        // all of the pair's calls). WHY the first call only: spread over a pair's calls the fetch
-        // ran at the pace of its compute, about 3.5 GB/s a core, and a 2048-channel 1x1 conv at
-        // 7x7 (5 calls a pair) still waited on DRAM; in the first call: resnet50 bf16 batch 1
-        // 1.014-1.035x, batch 8 1.039x, resnet18 batch 1 0.999x, fp32 resnet50 batch 1 1.002x.
-        next.weights = panel + (p + 2) * panel_stride;
-        next.weight_lines = std::min<int64_t>(2, panels - p - 2) * panel_stride * sizeof(Element) / 64;
+      if (p + 2 < panels && call_steps > 0) {
+        // The next pair's weights, fetched into L2 over this pair's calls (each call its share of
+        // the lines, spread over its reduction steps): where few rows share a weight (batch 1,
+        // 14x14 and 7x7 maps) it comes from DRAM, which the calls' compute hides if asked early.
+        // Measured on the Intel Xeon (AVX-512, 2 threads), whole fp32 models after 0.1 s idle and
+        // a 128 MB sweep, three forwards each, against the whole fetch in the pair's first call:
+        // resnet50 batch 1 1.04-1.05x, batch 8 1.03x, resnet18 batch 1 1.03-1.08x; the bf16 core
+        // (AMX off) resnet50 batch 1 1.016x, resnet18 1.06x; spread over half the calls or three,
+        // in between; no fetch 0.97x. (On the Zen 4 EPYC, session 18, the first-call burst had
+        // measured better, bf16 resnet50 batch 1 1.014-1.035x, batch 8 1.039x: not re-measured
+        // there with this code.)
+        const int64_t calls = (count + kRows - 1) / kRows, call = r / kRows;
+        const int64_t lines = std::min<int64_t>(2, panels - p - 2) * panel_stride * sizeof(Element) / 64;
+        const int64_t per_call = (lines + calls - 1) / calls;
+        next.weights = panel + (p + 2) * panel_stride + call * per_call * (64 / static_cast<int64_t>(sizeof(Element)));
+        next.weight_lines = std::max<int64_t>(0, std::min(per_call, lines - call * per_call));
         next.weight_lines_per_step = static_cast<int>((next.weight_lines + call_steps - 1) / call_steps);
       } else if (p + 2 >= panels && then != nullptr && call_steps > 0 && r == 0) {
         next.weights = then;
