@@ -492,6 +492,27 @@ def test_switch_narrows_the_implicit_gemm_candidates(env, setting, channels, mar
         assert (marker in lines[0]) == (setting in ("channels", "brgemm")), lines[0]
 
 
+def test_many_pixel_fp32_convs_split_their_pixels_between_threads(monkeypatch):
+    """Unforced, the fp32 implicit GEMM's timing offers the channel split only below 64 output pixels
+    a thread (ops_cpu.cpp, kSplitChannelsBelowPixels): above, a thread would read every channel of
+    an input the other core wrote. Shapes where the channel split wins when timed alone (resnet50's
+    layer3 1x1 convs at batch 1: few pixels, many output channels)."""
+    monkeypatch.delenv(AVX2_CONV_ENV, raising=False)
+    monkeypatch.delenv(THREAD_SPLIT_ENV, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for channels, size in ((264, 14), (136, 12), (520, 12)):  # 196 and 144 pixels: >= 64 a thread
+            case = make_case((1, channels, 1024, size, size), (True, True, True), "channels_last", kernel=1)
+            assert_close(conv(*case), reference(*case))
+            prefix = f"x 1x{channels}x{size}x{size}, weight 1024x{channels}x1x1,"
+            lines = [line for line in extension.cpu_conv_choices() if line.startswith(prefix)]
+            assert len(lines) == 1, extension.cpu_conv_choices()
+            assert "split channels" not in lines[0], lines[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_implicit_gemm_core_is_timed_only_with_avx512(monkeypatch):
     """Unforced, the implicit GEMM runs brgemm only where the CPU has AVX-512 (there brgemm is wider
     code than our AVX2 kernel and is timed against it); Winograd's core is timed everywhere."""

@@ -520,6 +520,15 @@ std::vector<Kernel> own_kernels(const at::Tensor& x, const at::Tensor& weight, a
 // ones read the packed weight fewer times, which pays once it no longer fits in cache.
 constexpr int64_t kBlockCandidates[] = {12, 48, 192};
 constexpr int64_t kSplitChannelsBlockCandidates[] = {48, 192};
+// The fp32 implicit GEMM's timing offers the channel split only where the pixel split would leave
+// each thread fewer output pixels than this. WHY: timed alone, the channel split won resnet50's
+// layer3 1x1 convs (196 pixels at batch 1), but inside a forward each thread then reads every
+// channel of its input, half of them written by the other core, where with pixels split it reads
+// its own pixels, which it wrote (per conv inside forwards, Intel Xeon with AVX-512, 2 threads:
+// 0.33-0.35 -> 0.28-0.29 ms). Whole fp32 models, alternating processes after idle: resnet50 batch
+// 1 1.011-1.022x (three runs), batch 8 1.03-1.04x, resnet18 batch 1 1.00x. Not applied to the bf16
+// kernels: there AMX measured 0.98-1.02x, the AVX512-BF16 core 0.98-1.02x (noise).
+constexpr int64_t kSplitChannelsBelowPixels = 64;
 
 int64_t default_block(const at::Tensor& packed) {
   return packed.nbytes() > (8 << 20) ? 192 : 48;
@@ -915,9 +924,12 @@ Choice choose(
   for (Kernel kernel : kernels) {
     const bool igemm = is_implicit_gemm(kernel);
     const bool by_pixels = !igemm || split != ThreadSplit::kChannels;
+    const int64_t threads = at::get_num_threads();
+    const bool few_pixels = kernel != Kernel::kImplicitGemm ||
+                            out_sizes[0] * out_sizes[2] * out_sizes[3] < kSplitChannelsBelowPixels * threads;
     const bool by_channels = igemm && (split == ThreadSplit::kChannels ||
-                                       (split == ThreadSplit::kAuto &&
-                                        implicit_gemm::can_split_channels(weight.size(0), at::get_num_threads())));
+                                       (split == ThreadSplit::kAuto && few_pixels &&
+                                        implicit_gemm::can_split_channels(weight.size(0), threads)));
     if (by_pixels) {
       for (int64_t block : kBlockCandidates) {
         options.push_back(Choice{kernel, block, on_brgemm(core, kernel)});
