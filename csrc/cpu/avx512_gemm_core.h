@@ -44,12 +44,11 @@ inline void prefetch_line(const Element* p, int64_t line) {
   }
 }
 
-// Reduction step i of every row times its packed weights `w` (panels `panel_stride` apart), into
-// the sums; `kFirstOnly`: the step's first channel only (the lone last channel of a C that is not
-// a multiple of kStep), the others read as zero.
-template <int R, int P, bool kFirstOnly>
-__attribute__((always_inline)) inline void add_step(__m512 (&acc)[R][P], const Element* const (&v)[R],
-                                                    const Element* w, int64_t panel_stride, int64_t i) {
+// One reduction step of every row times its packed weights `w` (panels `panel_stride` apart), into
+// the sums; `row(r)` is row r's broadcast of the step.
+template <int R, int P, typename RowBroadcast>
+__attribute__((always_inline)) inline void multiply_add_rows(__m512 (&acc)[R][P], const Element* w,
+                                                             int64_t panel_stride, RowBroadcast&& row) {
   typename Ops::Weights wp[P];
 #pragma GCC unroll 2
   for (int p = 0; p < P; ++p) {
@@ -57,17 +56,26 @@ __attribute__((always_inline)) inline void add_step(__m512 (&acc)[R][P], const E
   }
 #pragma GCC unroll 24
   for (int r = 0; r < R; ++r) {
-    typename Ops::Broadcast b;
-    if constexpr (kFirstOnly) {
-      b = Ops::broadcast_first(v[r] + Ops::kStep * i);
-    } else {
-      b = Ops::broadcast(v[r] + Ops::kStep * i);
-    }
+    const typename Ops::Broadcast b = row(r);
 #pragma GCC unroll 2
     for (int p = 0; p < P; ++p) {
       acc[r][p] = Ops::multiply_add(acc[r][p], b, wp[p]);
     }
   }
+}
+
+// Reduction step i of rows at any addresses (v); `kFirstOnly`: the step's first channel only (the
+// lone last channel of a C that is not a multiple of kStep), the others read as zero.
+template <int R, int P, bool kFirstOnly>
+__attribute__((always_inline)) inline void add_step(__m512 (&acc)[R][P], const Element* const (&v)[R],
+                                                    const Element* w, int64_t panel_stride, int64_t i) {
+  multiply_add_rows<R, P>(acc, w, panel_stride, [&](int r) __attribute__((always_inline)) {
+    if constexpr (kFirstOnly) {
+      return Ops::broadcast_first(v[r] + Ops::kStep * i);
+    } else {
+      return Ops::broadcast(v[r] + Ops::kStep * i);
+    }
+  });
 }
 
 // 32 bits from `base` + kScale * `index` bytes, broadcast to 16 lanes (a step's channel, or bf16
@@ -102,27 +110,15 @@ template <int R, int P>
 __attribute__((always_inline)) inline void add_spaced_step(__m512 (&acc)[R][P], const char* const* group,
                                                            int64_t ld, int64_t ld3, const Element* w,
                                                            int64_t panel_stride) {
-  typename Ops::Weights wp[P];
-#pragma GCC unroll 2
-  for (int p = 0; p < P; ++p) {
-    wp[p] = Ops::load_weights(w + p * panel_stride);
-  }
-#pragma GCC unroll 24
-  for (int r = 0; r < R; ++r) {
+  multiply_add_rows<R, P>(acc, w, panel_stride, [&](int r) __attribute__((always_inline)) {
     const char* base = group[r / 4];
-    __m512 bits;
     switch (r % 4) {
-      case 0: bits = broadcast_bits<0>(base, 0); break;
-      case 1: bits = broadcast_bits<1>(base, ld); break;
-      case 2: bits = broadcast_bits<2>(base, ld); break;
-      default: bits = broadcast_bits<1>(base, ld3); break;
+      case 0: return Ops::from_bits(broadcast_bits<0>(base, 0));
+      case 1: return Ops::from_bits(broadcast_bits<1>(base, ld));
+      case 2: return Ops::from_bits(broadcast_bits<2>(base, ld));
+      default: return Ops::from_bits(broadcast_bits<1>(base, ld3));
     }
-    const typename Ops::Broadcast b = Ops::from_bits(bits);
-#pragma GCC unroll 2
-    for (int p = 0; p < P; ++p) {
-      acc[r][p] = Ops::multiply_add(acc[r][p], b, wp[p]);
-    }
-  }
+  });
 }
 
 // Whether the `rows` pointers of v are evenly spaced (ld elements apart, ld > 0), and if so the
