@@ -925,10 +925,10 @@ Choice choose(
     const bool igemm = is_implicit_gemm(kernel);
     const bool by_pixels = !igemm || split != ThreadSplit::kChannels;
     const int64_t threads = at::get_num_threads();
-    const bool few_pixels = kernel != Kernel::kImplicitGemm ||
-                            out_sizes[0] * out_sizes[2] * out_sizes[3] < kSplitChannelsBelowPixels * threads;
+    const bool channels_worth_timing =
+        kernel != Kernel::kImplicitGemm || out_sizes[0] * out_sizes[2] * out_sizes[3] < kSplitChannelsBelowPixels * threads;
     const bool by_channels = igemm && (split == ThreadSplit::kChannels ||
-                                       (split == ThreadSplit::kAuto && few_pixels &&
+                                       (split == ThreadSplit::kAuto && channels_worth_timing &&
                                         implicit_gemm::can_split_channels(weight.size(0), threads)));
     if (by_pixels) {
       for (int64_t block : kBlockCandidates) {
